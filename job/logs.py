@@ -1,0 +1,78 @@
+"""Log lines and progress bars: JSON lines for log collectors, readable text with tqdm bars for people."""
+
+import json
+import logging
+import sys
+import time
+from contextlib import contextmanager
+
+from tqdm.auto import tqdm
+
+_state = {"stage": "start", "json": True}
+
+
+class _StageFilter(logging.Filter):
+    def filter(self, record):
+        record.stage = _state["stage"]
+        return True
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record):
+        line = {"time": round(record.created, 3), "level": record.levelname.lower(), "stage": record.stage}
+        line["message"] = record.getMessage()
+        line |= getattr(record, "fields", {})
+        if record.exc_info:
+            line["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+def setup(log_format: str) -> None:
+    """log_format: json, text, or auto (json unless stderr is a terminal)."""
+    use_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
+    _state["json"] = use_json
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_StageFilter())
+    fmt = "%(asctime)s %(levelname)s [%(stage)s] %(message)s"
+    handler.setFormatter(_JsonFormatter() if use_json else logging.Formatter(fmt, "%H:%M:%S"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    # Libraries log through their own loggers; keep their chatter to warnings.
+    for name in (
+        "transformers",
+        "datasets",
+        "peft",
+        "trl",
+        "botocore",
+        "boto3",
+        "urllib3",
+        "httpx",
+        "filelock",
+        "matplotlib",
+    ):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def current_stage() -> str:
+    return _state["stage"]
+
+
+def is_json() -> bool:
+    return _state["json"]
+
+
+def progress(**kwargs) -> tqdm:
+    """A tqdm bar in text mode; silent in JSON mode, where stages log their own numbers."""
+    return tqdm(disable=_state["json"], file=sys.stderr, **kwargs)
+
+
+@contextmanager
+def stage(name: str, timings: dict):
+    """Marks log lines with the stage and records its seconds in timings."""
+    _state["stage"] = name
+    start = time.perf_counter()
+    logging.getLogger("job").info("%s: started", name)
+    try:
+        yield
+    finally:
+        timings[name] = round(time.perf_counter() - start, 3)
+        logging.getLogger("job").info("%s: %.1f s", name, timings[name], extra={"fields": {"seconds": timings[name]}})

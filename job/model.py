@@ -1,0 +1,261 @@
+"""The base model and its LoRA adapters, from one of two backends with the same signature.
+
+unsloth: FastLanguageModel (its own kernels, 4-bit, "unsloth" gradient checkpointing); needs CUDA,
+and `import unsloth` raises without one, so only this backend imports it.
+hf: transformers + peft (+ bitsandbytes NF4 when LOAD_IN_4BIT), which also trains on CPU.
+"""
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from job.errors import AccessDenied, ConfigInvalid, InputNotFound
+from job.storage import Storage, is_s3
+
+log = logging.getLogger(__name__)
+
+# A dry run keeps BASE_MODEL itself up to this many parameters: two CPU cores train a few steps of it
+# in seconds; anything larger becomes a tiny random model of the same family.
+DRY_RUN_MAX_PARAMS = 50_000_000
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+TINY_SHAPE = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "head_dim": 16}  # fmt: skip
+
+
+@dataclass
+class Base:
+    """Where the base model comes from. source: a local directory or Hub id (None: nothing reachable);
+    tiny_config: set when a dry run trains a tiny random model of that configuration instead."""
+
+    source: str | None
+    tiny_config: object = None
+
+    def describe(self) -> str:
+        family = type(self.tiny_config).__name__.removesuffix("Config") if self.tiny_config else ""
+        return f"tiny random {family} (dry run)" if self.tiny_config else str(self.source)
+
+
+def resolve_backend(settings) -> str:
+    """The backend this machine runs the settings with; ConfigInvalid names every setting it cannot."""
+    import torch
+
+    cuda = torch.cuda.is_available() and not settings.DRY_RUN
+    backend = settings.TRAIN_BACKEND if settings.TRAIN_BACKEND != "auto" else ("unsloth" if cuda else "hf")
+    if not cuda:
+        problems = [
+            "TRAIN_BACKEND=unsloth needs an NVIDIA GPU and none is visible: use TRAIN_BACKEND=hf"
+            if backend == "unsloth" else "",
+            "LOAD_IN_4BIT=true needs an NVIDIA GPU (bitsandbytes): set LOAD_IN_4BIT=false to train 16-bit on CPU"
+            if settings.LOAD_IN_4BIT else "",
+            f"OPTIMIZER={settings.OPTIMIZER} needs an NVIDIA GPU (bitsandbytes): use OPTIMIZER=adamw_torch"
+            if "8bit" in settings.OPTIMIZER else "",
+        ]  # fmt: skip
+        if any(problems):
+            raise ConfigInvalid("; ".join(p for p in problems if p) + " (or DRY_RUN=true)")
+    if backend == "unsloth":
+        import unsloth  # noqa: F401  before transformers and trl are used, so that its patches apply
+    return backend
+
+
+def fetch_base(settings, storage: Storage, dest: Path) -> Base:
+    """Brings BASE_MODEL where it can be loaded; a dry run picks BASE_MODEL itself or a tiny model."""
+    uri = settings.BASE_MODEL
+    if is_s3(uri):
+        # A dry run first takes everything but the weights, then the weights only for a small model.
+        storage.fetch(uri, dest, keep=lambda key: not (settings.DRY_RUN and key.endswith(WEIGHT_SUFFIXES)))
+        source = str(dest)
+    elif Path(uri).is_dir():
+        source = uri
+    elif uri.startswith(("/", "./", "../", "~")) or uri.count("/") > 1:
+        raise InputNotFound(f"BASE_MODEL={uri}: no such directory: check the path, or give a Hub id or s3:// prefix")
+    else:
+        source = uri
+    if not settings.DRY_RUN:
+        return Base(source)
+    config = _config(source, settings)
+    if config is None:
+        log.info("dry run: BASE_MODEL's configuration is unreachable; a tiny Llama stands in")
+        from transformers import LlamaConfig
+
+        return Base(source if Path(source).is_dir() else None, LlamaConfig())
+    if Path(source).is_dir() and _parameters(config) <= DRY_RUN_MAX_PARAMS:
+        if is_s3(uri):
+            storage.fetch(uri, dest, keep=lambda key: key.endswith(WEIGHT_SUFFIXES))
+        log.info("dry run: BASE_MODEL is small enough to train on CPU as it is")
+        return Base(source)
+    log.info("dry run: a tiny random %s stands in for BASE_MODEL", type(config).__name__)
+    return Base(source, config)
+
+
+def _config(source: str, settings):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source, token=_token(settings))
+    except Exception as exc:  # offline, gated, missing: a dry run carries on without it
+        log.info("dry run: no configuration from %s (%s)", source, str(exc).splitlines()[0][:200])
+        return None
+
+
+def _parameters(config) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+
+
+def _token(settings) -> str | None:
+    return settings.HF_TOKEN.get_secret_value() if settings.HF_TOKEN else None
+
+
+def hub_error(exc: Exception, what: str) -> Exception:
+    """The job's error for a failed from_pretrained of BASE_MODEL."""
+    text = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if status in (401, 403) or type(exc).__name__ == "GatedRepoError":
+        return AccessDenied(f"BASE_MODEL: the Hub refused the {what} ({text}): set HF_TOKEN to a token with access")
+    return InputNotFound(
+        f"BASE_MODEL: cannot load the {what} ({text}): check the id, or point BASE_MODEL at a local or s3:// copy"
+    )
+
+
+def load_tokenizer(settings, base: Base, examples: list[dict]):
+    from transformers import AutoTokenizer
+
+    tokenizer = None
+    if base.source:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(base.source, token=_token(settings))
+        except Exception as exc:
+            if not settings.DRY_RUN:
+                raise hub_error(exc, "tokenizer") from None
+            log.info("dry run: no tokenizer from %s; training one on the data", base.source)
+    tokenizer = tokenizer or train_tokenizer(examples)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def train_tokenizer(examples: list[dict], vocab_size: int = 2000):
+    """A small byte-level BPE tokenizer learned from the rows, for dry runs with no reachable tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    def texts():
+        for example in examples:
+            yield from (m["content"] for m in example.get("messages", []))
+            yield example.get("prompt", "") + example.get("completion", "")
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+    model = Tokenizer(models.BPE(unk_token="<unk>"))
+    model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    model.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    model.train_from_iterator(texts(), trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=model, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+
+
+def tiny_model(config, tokenizer):
+    """A 2-layer, 64-wide random model of config's family, sized to the tokenizer's vocabulary."""
+    from transformers import AutoModelForCausalLM
+
+    for name, value in TINY_SHAPE.items():
+        if hasattr(config, name):
+            setattr(config, name, value)
+    if isinstance(getattr(config, "layer_types", None), list):  # per-layer attention kinds (Gemma, Qwen3)
+        config.layer_types = config.layer_types[: TINY_SHAPE["num_hidden_layers"]]
+    config.vocab_size = len(tokenizer)
+    config.pad_token_id, config.bos_token_id, config.eos_token_id = (
+        tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
+    )  # fmt: skip
+    return AutoModelForCausalLM.from_config(config)
+
+
+def load(settings, base: Base, tokenizer, backend: str):
+    """The base model with fresh LoRA adapters on LORA_TARGET_MODULES, ready to train."""
+    return (load_unsloth if backend == "unsloth" else load_hf)(settings, base, tokenizer)
+
+
+def load_unsloth(settings, base: Base, tokenizer):
+    from unsloth import FastLanguageModel
+
+    try:
+        model, _ = FastLanguageModel.from_pretrained(
+            model_name=base.source,
+            max_seq_length=settings.MAX_SEQ_LENGTH,
+            dtype=None,
+            load_in_4bit=settings.LOAD_IN_4BIT,
+            token=_token(settings),
+        )
+    except (OSError, ValueError) as exc:
+        raise hub_error(exc, "model") from None
+    check_targets(model, settings.LORA_TARGET_MODULES)
+    return FastLanguageModel.get_peft_model(
+        model,
+        r=settings.LORA_R,
+        lora_alpha=settings.LORA_ALPHA,
+        lora_dropout=settings.LORA_DROPOUT,
+        target_modules=settings.LORA_TARGET_MODULES,
+        bias="none",
+        use_gradient_checkpointing="unsloth",
+        random_state=settings.SEED,
+    )
+
+
+def load_hf(settings, base: Base, tokenizer):
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    cuda = torch.cuda.is_available() and not settings.DRY_RUN
+    if base.tiny_config is not None:
+        torch.manual_seed(settings.SEED)
+        model = tiny_model(base.tiny_config, tokenizer)
+    else:
+        kwargs = {"dtype": torch.bfloat16 if cuda else torch.float32, "token": _token(settings)}
+        if settings.LOAD_IN_4BIT:
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16,
+            )
+        if cuda:
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
+        try:
+            model = AutoModelForCausalLM.from_pretrained(base.source, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise hub_error(exc, "model") from None
+    if settings.LOAD_IN_4BIT:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    check_targets(model, settings.LORA_TARGET_MODULES)
+    lora = LoraConfig(
+        r=settings.LORA_R,
+        lora_alpha=settings.LORA_ALPHA,
+        lora_dropout=settings.LORA_DROPOUT,
+        target_modules=settings.LORA_TARGET_MODULES,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def check_targets(model, targets: list[str]) -> None:
+    import torch
+
+    linear = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+    }
+    missing = sorted(set(targets) - linear)
+    if missing:
+        raise ConfigInvalid(
+            f"LORA_TARGET_MODULES: {','.join(missing)} not in BASE_MODEL; its linear layers are "
+            f"{','.join(sorted(linear - {'lm_head'}))}: pick from those"
+        )

@@ -1,0 +1,77 @@
+"""report.md: what ran, on what, how it went, and the samples, for a person reading the run's folder."""
+
+
+def _cut(text: str | None, limit: int = 400) -> str:
+    text = (text or "").strip()
+    return text if len(text) <= limit else text[:limit] + " …"
+
+
+def _quote(text: str | None) -> str:
+    return "\n".join("> " + line for line in (_cut(text) or "(empty)").splitlines())
+
+
+def render(summary: dict, samples: list[dict], config: dict) -> str:
+    m, dataset = summary["metrics"], summary["dataset"]
+    lines = [
+        f"# Fine-tuning run `{summary['run_id']}`" + (" (dry run)" if summary["dry_run"] else ""),
+        "",
+        f"- **Base model:** `{summary['base_model']['name']}` (loaded: {summary['base_model']['loaded']})",
+        f"- **Backend:** {summary['backend']}",
+        f"- **Dataset:** `{dataset['uri']}`: {dataset['rows']} rows in {len(dataset['files'])} file(s), "
+        f"format {dataset['format']}, {dataset['train_rows']} for training, {dataset['eval_rows']} held out",
+        f"- **Chat template:** {summary['chat_template']}",
+        "",
+        "## Training",
+        "",
+        "| steps | epochs | first loss | final loss | eval loss | tokens | tokens/s | peak GPU GiB |",
+        "|---|---|---|---|---|---|---|---|",
+        "| {steps} | {epochs} | {first} | {final} | {eval} | {tokens} | {tps} | {gpu} |".format(
+            steps=m["steps"],
+            epochs=m["epochs"],
+            first=_num(m["first_loss"]),
+            final=_num(m["final_loss"]),
+            eval=_num(m["eval_loss"]),
+            tokens=m["tokens"],
+            tps=m["tokens_per_second"],
+            gpu=_num(m["peak_gpu_memory_gib"]),
+        ),  # fmt: skip
+        "",
+        "![loss against step](loss.png)",
+        "",
+        "## Seconds per stage",
+        "",
+        "| " + " | ".join(summary["timings"]) + " |",
+        "|" + "---|" * len(summary["timings"]),
+        "| " + " | ".join(f"{s:.1f}" for s in summary["timings"].values()) + " |",
+        "",
+        "## Samples",
+        "",
+        "Greedy decoding; *fine-tuned* is the adapter reloaded from `adapter/`, *base* the same model with the"
+        " adapter disabled." + (" These prompts were seen in training." if summary["samples_seen_in_training"] else ""),
+    ]
+    for i, row in enumerate(samples, 1):
+        lines += ["", f"### {i}", "", "**Prompt**", "", _quote(row["prompt"]), "", "**Fine-tuned**", "",
+                  _quote(row["response"]), "", "**Base**", "", _quote(row["base_response"])]  # fmt: skip
+        if row.get("reference") is not None:
+            lines += ["", "**Reference**", "", _quote(row["reference"])]
+    lines += [
+        "",
+        "## Files",
+        "",
+        "- [adapter/](adapter/): the PEFT LoRA adapter and the tokenizer with its chat template",
+        "- [samples.jsonl](samples.jsonl), [metrics.json](metrics.json), [train_log.jsonl](train_log.jsonl),"
+        " [loss.png](loss.png), [config.json](config.json)",
+        "- [manifest.json](manifest.json): every file with its size and sha256; written last",
+        "",
+        "## Configuration",
+        "",
+        "| variable | value |",
+        "|---|---|",
+        *(f"| {k} | `{v}` |" for k, v in config.items() if v is not None),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _num(value) -> str:
+    return "n/a" if value is None else f"{value:.4g}"

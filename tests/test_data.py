@@ -1,0 +1,183 @@
+import gzip
+import json
+
+import pandas as pd
+import pytest
+
+from job import data
+from job.errors import ConfigInvalid, DatasetInvalid
+from job.model import train_tokenizer
+
+ROWS = {
+    "alpaca": {"instruction": "Add the numbers.", "input": "2 + 3", "output": "5"},
+    "sharegpt": {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
+                                   {"from": "gpt", "value": "Hello!"}]},
+    "messages": {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]},
+    "prompt_completion": {"prompt": "The capital of France is", "completion": " Paris."},
+    "text": {"text": "Once upon a time there was a tiny model."},
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = [
+        {"prompt": "", "completion": "the quick brown fox jumps over the lazy dog " * 3 + str(i)} for i in range(50)
+    ]
+    tok = train_tokenizer(texts, vocab_size=300)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    return tok
+
+
+@pytest.mark.parametrize("fmt", list(ROWS))
+def test_format_is_detected_from_the_columns(fmt):
+    assert data.detect_format(ROWS[fmt], "f.jsonl") == fmt
+
+
+def test_messages_under_conversations_and_sharegpt_under_messages_are_told_apart():
+    assert data.detect_format({"conversations": ROWS["messages"]["messages"]}, "f") == "messages"
+    assert data.detect_format({"messages": ROWS["sharegpt"]["conversations"]}, "f") == "sharegpt"
+
+
+def test_unknown_columns_say_what_is_expected():
+    with pytest.raises(DatasetInvalid, match=r"f.jsonl: cannot tell the format from the columns \['question'\].*"):
+        data.detect_format({"question": "?"}, "f.jsonl")
+
+
+def test_sharegpt_keeps_system_turns_and_maps_roles():
+    example = data.to_example(ROWS["sharegpt"], "sharegpt")
+    assert [m["role"] for m in example["messages"]] == ["system", "user", "assistant"]
+
+
+def test_alpaca_joins_instruction_and_input():
+    example = data.to_example(ROWS["alpaca"], "alpaca")
+    assert example["messages"][0]["content"] == "Add the numbers.\n\n2 + 3"
+    assert example["messages"][1] == {"role": "assistant", "content": "5"}
+
+
+@pytest.mark.parametrize(
+    ("row", "fmt", "problem"),
+    [({"instruction": "x", "output": ""}, "alpaca", "'output' must be a non-empty string"),
+     ({"messages": [{"role": "user", "content": "hi"}]}, "messages", "no assistant turn"),
+     ({"messages": [{"role": "robot", "content": "hi"}]}, "messages", "unknown role 'robot'"),
+     ({"text": 3}, "text", "'text' must be a non-empty string")],
+)  # fmt: skip
+def test_bad_rows_say_what_is_wrong(row, fmt, problem):
+    with pytest.raises(ValueError, match=problem):
+        data.to_example(row, fmt)
+
+
+def write_all_kinds(folder, rows):
+    """The same rows as .jsonl, .json array, .json lines, .csv, .parquet and gzip-compressed variants."""
+    lines = "".join(json.dumps(r) + "\n" for r in rows)
+    (folder / "a.jsonl").write_text(lines)
+    (folder / "b.json").write_text(json.dumps(rows))
+    (folder / "c.json").write_text(lines)
+    pd.DataFrame(rows).to_csv(folder / "d.csv", index=False)
+    pd.DataFrame(rows).to_parquet(folder / "e.parquet")
+    (folder / "f.jsonl.gz").write_bytes(gzip.compress(lines.encode()))
+    (folder / "g.json.gz").write_bytes(gzip.compress(json.dumps(rows).encode()))
+    pd.DataFrame(rows).to_csv(folder / "h.csv.gz", index=False)
+    return sorted(folder.iterdir())
+
+
+def test_every_file_kind_reads_the_same_rows(tmp_path):
+    rows = [{"instruction": f"Say {i}", "input": "", "output": str(i)} for i in range(3)]
+    for path in write_all_kinds(tmp_path, rows):
+        assert [row for _, row in data.read_rows(str(path), path)] == rows, path.name
+
+
+def test_nested_columns_survive_parquet(tmp_path):
+    pd.DataFrame([ROWS["messages"]] * 2).to_parquet(tmp_path / "chat.parquet")
+    examples, fmt = data.load_examples([("s3://b/chat.parquet", tmp_path / "chat.parquet")], "auto")
+    assert fmt == "messages" and examples[0]["messages"][1]["content"] == "Hello!"
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "problem"),
+    [("bad.jsonl", '{"text": "ok"}\n{"text": broken}\n', r"s3://b/bad.jsonl:2: invalid JSON"),
+     ("bad.json", '[{"text": "ok"},\n{"text": }]', r"s3://b/bad.json:2: invalid JSON"),
+     ("empty.jsonl", "\n\n", "no rows"),
+     ("list.jsonl", "[1, 2]\n", r"s3://b/list.jsonl:1: a row must be a JSON object")],
+)  # fmt: skip
+def test_invalid_files_name_the_file_and_line(tmp_path, name, content, problem):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DatasetInvalid, match=problem):
+        data.read_rows(f"s3://b/{name}", path)
+
+
+def test_undecodable_files_are_invalid(tmp_path):
+    (tmp_path / "latin1.jsonl").write_bytes('{"text": "caf\xe9"}\n'.encode("latin-1"))
+    (tmp_path / "broken.jsonl.gz").write_bytes(b"not gzip at all")
+    for path in tmp_path.iterdir():
+        with pytest.raises(DatasetInvalid, match=path.name):
+            data.read_rows(path.name, path)
+
+
+def test_a_bad_row_names_file_line_and_format(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(ROWS["alpaca"]) + "\n" + json.dumps({"instruction": "x", "output": 4}) + "\n")
+    with pytest.raises(DatasetInvalid, match=r"d.jsonl:2: column 'output' .* \(format alpaca\)"):
+        data.load_examples([("d.jsonl", path)], "auto")
+
+
+def masked_text(tokenizer, dataset, i=0):
+    ids, mask = dataset[i]["input_ids"], dataset[i]["assistant_masks"]
+    return tokenizer.decode([t for t, m in zip(ids, mask) if m])
+
+
+def test_only_responses_count_in_the_loss(tokenizer):
+    tokenizer.chat_template = data.TEMPLATES["alpaca"]
+    examples = [data.to_example(ROWS["alpaca"], "alpaca")]
+    trained = masked_text(tokenizer, data.tokenize(tokenizer, examples, responses_only=True))
+    assert trained.startswith("5</s>") and "Add" not in trained
+    everything = masked_text(tokenizer, data.tokenize(tokenizer, examples, responses_only=False))
+    assert "### Instruction:" in everything and "Add the numbers." in everything
+
+
+def test_every_assistant_turn_of_a_chat_is_trained(tokenizer):
+    tokenizer.chat_template = data.TEMPLATES["chatml"]
+    turns = [{"role": "user", "content": "one"}, {"role": "assistant", "content": "first answer"},
+             {"role": "user", "content": "two"}, {"role": "assistant", "content": "second answer"}]  # fmt: skip
+    trained = masked_text(tokenizer, data.tokenize(tokenizer, [{"messages": turns}], responses_only=True))
+    assert "first answer" in trained and "second answer" in trained
+    assert "one" not in trained.replace("answer", "") and "user" not in trained
+
+
+def test_raw_completions_end_with_eos(tokenizer):
+    examples = [data.to_example(ROWS["prompt_completion"], "prompt_completion")]
+    trained = masked_text(tokenizer, data.tokenize(tokenizer, examples, responses_only=True))
+    assert trained.strip().startswith("Paris.") and trained.endswith(tokenizer.eos_token)
+
+
+def test_template_choice(tokenizer):
+    tokenizer.chat_template = None
+    assert data.choose_template(tokenizer, "auto", "alpaca") == data.TEMPLATES["alpaca"]
+    assert data.choose_template(tokenizer, "auto", "sharegpt") == data.TEMPLATES["chatml"]
+    assert data.choose_template(tokenizer, "auto", "text") is None
+    tokenizer.chat_template = "{{ messages[0]['content'] }}"
+    assert data.choose_template(tokenizer, "auto", "alpaca") == "{{ messages[0]['content'] }}"
+    assert data.choose_template(tokenizer, "chatml", "alpaca") == data.TEMPLATES["chatml"]
+
+
+def test_a_template_that_cannot_render_is_a_configuration_error(tokenizer):
+    tokenizer.chat_template = "{{ raise_exception('no system turns') }}"
+    with pytest.raises(ConfigInvalid, match="CHAT_TEMPLATE"):
+        data.tokenize(tokenizer, [data.to_example(ROWS["messages"], "messages")], responses_only=True)
+
+
+def test_split_holds_out_a_fraction_reproducibly():
+    examples = [{"prompt": "", "completion": str(i)} for i in range(20)]
+    train, held = data.split(examples, 0.25, seed=1)
+    assert (len(train), len(held)) == (15, 5)
+    assert data.split(examples, 0.25, seed=1) == (train, held)
+    assert sorted(e["completion"] for e in train + held) == sorted(e["completion"] for e in examples)
+    with pytest.raises(DatasetInvalid, match="EVAL_FRACTION"):
+        data.split(examples[:1], 0.5, seed=1)
+
+
+def test_sample_inputs_ask_for_the_last_answer(tokenizer):
+    tokenizer.chat_template = data.TEMPLATES["chatml"]
+    [sample] = data.sample_inputs(tokenizer, [data.to_example(ROWS["sharegpt"], "sharegpt")])
+    assert sample["prompt"] == "Hi" and sample["reference"] == "Hello!"
+    assert sample["input"].endswith("<|im_start|>assistant\n") and "Hello!" not in sample["input"]

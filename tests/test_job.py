@@ -1,0 +1,319 @@
+"""The real entry point, run as a subprocess against the local S3 server, checked by what it wrote."""
+
+import gzip
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import safetensors.torch
+
+from tests.conftest import DEMO_DATA, error_line, jsonl, log_lines, put, read_objects
+
+DEMO_ROWS = [json.loads(line) for line in DEMO_DATA.read_text().splitlines()]
+OUTPUTS = {"adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/tokenizer.json",
+           "samples.jsonl", "metrics.json", "train_log.jsonl", "loss.png", "report.md", "config.json",
+           "manifest.json"}  # fmt: skip
+
+
+def chats(n=40):
+    return [{"conversations": [{"from": "system", "value": "Answer briefly."},
+                               {"from": "human", "value": r["instruction"] + " " + r["input"]},
+                               {"from": "gpt", "value": r["output"]}]} for r in DEMO_ROWS[:n]]  # fmt: skip
+
+
+def as_bytes(rows, kind: str) -> bytes:
+    if kind == "jsonl":
+        return jsonl(rows).encode()
+    if kind == "json":
+        return json.dumps(rows).encode()
+    if kind == "jsonl.gz":
+        return gzip.compress(jsonl(rows).encode())
+    buffer = io.BytesIO()
+    if kind == "parquet":
+        pd.DataFrame(rows).to_parquet(buffer)
+    else:
+        pd.DataFrame(rows).to_csv(buffer, index=False, compression={"method": "gzip"} if kind == "csv.gz" else None)
+    return buffer.getvalue()
+
+
+FORMATS = {
+    "alpaca": (DEMO_ROWS[:40], "jsonl", "object"),
+    "sharegpt": (chats(), "json", "prefix"),
+    "messages": ([{"messages": [{"role": "user", "content": r["instruction"]}, {"role": "assistant",
+                  "content": r["output"]}]} for r in DEMO_ROWS[:40]], "parquet", "object"),
+    "prompt_completion": ([{"prompt": r["instruction"] + "\n", "completion": r["output"]} for r in DEMO_ROWS[:40]],
+                          "csv.gz", "prefix"),
+    "text": ([{"text": f"{r['instruction']} {r['input']} {r['output']}"} for r in DEMO_ROWS[:40]], "jsonl.gz",
+             "prefix"),
+}  # fmt: skip
+
+
+def run_outputs(s3, bucket: str, result) -> tuple[str, dict[str, bytes]]:
+    assert result.returncode == 0, result.stderr[-4000:]
+    objects = read_objects(s3, bucket, "runs/")
+    [run_id] = {key.split("/")[1] for key in objects}
+    return run_id, {key.split("/", 2)[2]: body for key, body in objects.items()}
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_dry_run_publishes_the_full_layout_for_every_format(run_job, s3, bucket, fmt):
+    rows, kind, layout = FORMATS[fmt]
+    half = len(rows) // 2
+    if layout == "object":
+        dataset = put(s3, bucket, f"data/train.{kind}", as_bytes(rows, kind))
+    else:  # two files and a non-data object under a prefix
+        put(s3, bucket, f"data/part-0.{kind}", as_bytes(rows[:half], kind))
+        put(s3, bucket, f"data/part-1.{kind}", as_bytes(rows[half:], kind))
+        put(s3, bucket, "data/_SUCCESS", b"")
+        dataset = f"s3://{bucket}/data/"
+    result = run_job({"DRY_RUN": "true", "DATASET_URI": dataset, "OUTPUT_URI": f"s3://{bucket}/runs",
+                      "EVAL_FRACTION": "0.1", "NUM_SAMPLE_PROMPTS": "3", "MAX_NEW_TOKENS": "8"})  # fmt: skip
+    run_id, files = run_outputs(s3, bucket, result)
+    assert files.keys() >= OUTPUTS
+    manifest = json.loads(files["manifest.json"])
+    assert manifest["dry_run"] is True and manifest["run_id"] == run_id and manifest["status"] == "succeeded"
+    assert manifest["dataset"]["format"] == fmt and manifest["dataset"]["rows"] == len(rows)
+    assert len(manifest["dataset"]["files"]) == (1 if layout == "object" else 2)
+    samples = [json.loads(line) for line in files["samples.jsonl"].decode().splitlines()]
+    assert len(samples) == 3 and all({"prompt", "response", "base_response", "reference"} <= s.keys() for s in samples)
+    metrics = json.loads(files["metrics.json"])
+    assert metrics["steps"] == 3 and metrics["eval_loss"] > 0 and metrics["tokens"] > 0
+    assert set(metrics["seconds_per_stage"]) == {"inputs", "data", "model", "train", "samples"}
+    assert f"{fmt}" in files["report.md"].decode() and files["loss.png"].startswith(b"\x89PNG")
+    steps = [json.loads(line) for line in files["train_log.jsonl"].decode().splitlines()]
+    assert [s["step"] for s in steps if "loss" in s] == [1, 2, 3]
+
+
+def test_manifest_hashes_match_the_objects(run_job, s3, bucket):
+    dataset = put(s3, bucket, "d/train.jsonl", jsonl(DEMO_ROWS[:30]))
+    _, files = run_outputs(s3, bucket, run_job({"DRY_RUN": "true", "DATASET_URI": dataset,
+                                                "OUTPUT_URI": f"s3://{bucket}/runs"}))  # fmt: skip
+    manifest = json.loads(files.pop("manifest.json"))
+    listed = {f["path"]: f for f in manifest["files"]}
+    assert listed.keys() == files.keys()
+    for name, body in files.items():
+        assert listed[name]["bytes"] == len(body) and listed[name]["sha256"] == hashlib.sha256(body).hexdigest()
+    assert manifest["dataset"]["files"][0]["sha256"] == hashlib.sha256(jsonl(DEMO_ROWS[:30]).encode()).hexdigest()
+    assert {"torch", "transformers", "trl", "peft"} <= manifest["libraries"].keys()
+
+
+def test_rerun_of_a_complete_run_exits_at_once_and_writes_nothing(run_job, s3, bucket):
+    env = {"DRY_RUN": "true", "DATASET_URI": put(s3, bucket, "d.jsonl", jsonl(DEMO_ROWS[:20])),
+           "OUTPUT_URI": f"s3://{bucket}/runs"}  # fmt: skip
+    run_outputs(s3, bucket, run_job(env))
+    before = {o["Key"]: o["LastModified"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]}
+    again = run_job(env)
+    assert again.returncode == 0
+    assert "already complete" in again.stderr
+    assert not any(line["stage"] == "train" for line in log_lines(again))
+    assert {o["Key"]: o["LastModified"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]} == before
+
+
+def test_real_cpu_training_from_an_s3_model_learns(run_job, s3, bucket, tiny_model_dir):
+    """The hf backend trains for real (30 steps, LoRA on the tiny Llama fetched from s3://); loss falls."""
+    for path in tiny_model_dir.iterdir():
+        put(s3, bucket, f"models/tiny/{path.name}", path.read_bytes())
+    rows = [{"instruction": "Reverse the word.", "input": w, "output": w[::-1]} for w in
+            ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"] * 8]  # fmt: skip
+    result = run_job({
+        "BASE_MODEL": f"s3://{bucket}/models/tiny/", "DATASET_URI": put(s3, bucket, "d.jsonl", jsonl(rows)),
+        "OUTPUT_URI": f"s3://{bucket}/runs", "TRAIN_BACKEND": "hf", "LOAD_IN_4BIT": "false",
+        "OPTIMIZER": "adamw_torch", "MAX_STEPS": "30", "LEARNING_RATE": "3e-3", "PER_DEVICE_BATCH_SIZE": "8",
+        "GRAD_ACCUM_STEPS": "1", "WARMUP_STEPS": "2", "EVAL_FRACTION": "0.125", "LORA_R": "8", "LORA_ALPHA": "32",
+    })  # fmt: skip
+    _, files = run_outputs(s3, bucket, result)
+    metrics = json.loads(files["metrics.json"])
+    assert metrics["steps"] == 30
+    assert metrics["final_loss"] < 0.3 * metrics["first_loss"], metrics
+    assert json.loads(files["manifest.json"])["dry_run"] is False
+    assert json.loads(files["manifest.json"])["base_model"]["loaded"].endswith("base_model")
+    weights = _safetensors(files["adapter/adapter_model.safetensors"])
+    lora_b = [w for name, w in weights.items() if "lora_B" in name]
+    assert lora_b and all(w.abs().sum() > 0 for w in lora_b), "LoRA B starts at zero and must have moved"
+    assert not any("lora" not in name for name in weights), "only adapter weights are saved"
+    config = json.loads(files["adapter/adapter_config.json"])
+    assert config["r"] == 8 and set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj",
+                                                                  "gate_proj", "up_proj", "down_proj"}  # fmt: skip
+
+
+def _safetensors(body: bytes) -> dict:
+    return safetensors.torch.load(body)
+
+
+def test_local_paths_and_env_file(run_job, tmp_path, tiny_model_dir):
+    """Local dataset, model and output; settings from .env, with the real environment winning."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "rows.jsonl").write_text(jsonl(DEMO_ROWS[:24]))
+    (tmp_path / ".env").write_text(
+        f"DATASET_URI={tmp_path / 'data'}\nOUTPUT_URI={tmp_path / 'out'}\nBASE_MODEL={tiny_model_dir}\n"
+        "DRY_RUN=true\nRUN_ID=from-file\nLORA_R=4\nDRY_RUN_STEPS=2\n"
+    )
+    result = run_job({"LORA_R": "6"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "out" / "from-file"
+    assert {p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()} >= OUTPUTS
+    config = json.loads((run / "config.json").read_text())
+    assert (config["LORA_R"], config["RUN_ID"], config["MAX_STEPS"]) == (6, "from-file", 2)
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["r"] == 6
+    # A small local model is trained as it is, not replaced by a tiny random one.
+    assert json.loads((run / "manifest.json").read_text())["base_model"]["loaded"] == str(tiny_model_dir)
+
+
+def test_sample_prompts_come_from_sample_prompts_uri(run_job, s3, bucket):
+    prompts = put(s3, bucket, "prompts.jsonl", jsonl([{"prompt": "What is 2 + 2?", "reference": "4"},
+                                                      {"prompt": "Name a colour."}]))  # fmt: skip
+    result = run_job(
+        {
+            "DRY_RUN": "true",
+            "DATASET_URI": put(s3, bucket, "d.jsonl", jsonl(DEMO_ROWS[:20])),
+            "OUTPUT_URI": f"s3://{bucket}/runs",
+            "SAMPLE_PROMPTS_URI": prompts,
+            "MAX_NEW_TOKENS": "4",
+        }
+    )
+    _, files = run_outputs(s3, bucket, result)
+    samples = [json.loads(line) for line in files["samples.jsonl"].decode().splitlines()]
+    assert [(s["prompt"], s["reference"]) for s in samples] == [("What is 2 + 2?", "4"), ("Name a colour.", None)]
+    assert "### Instruction:\nWhat is 2 + 2?" in samples[0]["input"]
+
+
+def bad_runs(s3, bucket, tmp_path):
+    ok = put(s3, bucket, "ok.jsonl", jsonl(DEMO_ROWS[:10]))
+    out = f"s3://{bucket}/runs"
+    (tmp_path / "notes.txt").write_text("not data")
+    bad_json = put(s3, bucket, "bad.jsonl", '{"text": "fine"}\n{"text": oops}\n')
+    bad_columns = put(s3, bucket, "cols.jsonl", jsonl([{"question": "?", "answer": "!"}]))
+    wrong_format = put(s3, bucket, "fmt.jsonl", jsonl(DEMO_ROWS[:3]))
+    return {
+        65: [
+            ({"DATASET_URI": bad_json}, "bad.jsonl:2: invalid JSON"),
+            ({"DATASET_URI": bad_columns}, "cannot tell the format"),
+            ({"DATASET_URI": wrong_format, "DATASET_FORMAT": "messages"}, "fmt.jsonl:1"),
+        ],
+        66: [
+            ({"DATASET_URI": f"s3://{bucket}/missing.jsonl"}, "no such object, and no data files"),
+            ({"DATASET_URI": "s3://no-such-bucket-zz/d.jsonl"}, "does not exist"),
+            ({"DATASET_URI": str(tmp_path)}, "no data files"),
+            ({"DATASET_URI": ok, "BASE_MODEL": "/models/absent"}, "BASE_MODEL=/models/absent: no such directory"),
+        ],
+        75: [({"DATASET_URI": ok, "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9"}, "unreachable after retries")],
+        78: [
+            ({"DATASET_URI": None}, "DATASET_URI is required"),
+            ({"DATASET_URI": ok, "LORA_R": "-1", "PACKING": "perhaps"}, "LORA_R"),
+            ({"DATASET_URI": ok, "DRY_RUN": "false"}, "LOAD_IN_4BIT=true needs an NVIDIA GPU"),
+            ({"DATASET_URI": ok, "LORA_TARGET_MODULES": "q_proj,attn_x"}, "LORA_TARGET_MODULES: attn_x not in"),
+            ({"DATASET_URI": ok, "DRY_RUN": "false", "TRAIN_BACKEND": "unsloth", "LOAD_IN_4BIT": "false",
+              "OPTIMIZER": "adamw_torch"}, "TRAIN_BACKEND=unsloth needs an NVIDIA GPU"),
+        ],
+    }, out  # fmt: skip
+
+
+@pytest.mark.parametrize("code", [65, 66, 75, 78])
+def test_bad_inputs_exit_with_their_code_and_one_clear_line(run_job, s3, bucket, tmp_path, code):
+    cases, out = bad_runs(s3, bucket, tmp_path)
+    assert len(cases[code]) >= 2 or code == 75
+    for env, expected in cases[code]:
+        result = run_job({"DRY_RUN": "true", "OUTPUT_URI": out} | env)
+        assert result.returncode == code, (env, result.stderr[-3000:])
+        message = error_line(result)
+        assert expected in message and "\n" not in message, (env, message)
+        assert "Traceback" not in result.stderr
+        if code in (65, 66):
+            failures = [k for k in read_objects(s3, bucket, "runs/") if k.endswith("failure.json")]
+            assert failures, "failure.json is written when the output is reachable"
+            record = json.loads(read_objects(s3, bucket, failures[0])[failures[0]])
+            assert record["exit_code"] == code and record["message"]
+
+
+def test_unreachable_storage_while_connections_drop_is_temporary(run_job, tmp_path):
+    from tests.test_storage import closing_server
+
+    endpoint, stop = closing_server()
+    try:
+        result = run_job({"DRY_RUN": "true", "DATASET_URI": "s3://b/d.jsonl", "OUTPUT_URI": "s3://b/runs",
+                          "AWS_ENDPOINT_URL_S3": endpoint})  # fmt: skip
+    finally:
+        stop.set()
+    assert result.returncode == 75 and "unreachable after retries" in error_line(result)
+
+
+def test_denied_credentials_exit_77(run_job, tmp_path):
+    from tests.conftest import start_moto
+
+    server, endpoint = start_moto(INITIAL_NO_AUTH_ACTION_COUNT="2")
+    try:
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="a",
+                          aws_secret_access_key="b")  # fmt: skip
+        s3.create_bucket(Bucket="locked")
+        s3.put_object(Bucket="locked", Key="d.jsonl", Body=jsonl(DEMO_ROWS[:5]).encode())
+        for env in ({"DATASET_URI": "s3://locked/d.jsonl", "OUTPUT_URI": str(tmp_path / "out")},
+                    {"DATASET_URI": str(DEMO_DATA), "OUTPUT_URI": "s3://locked/runs"}):  # fmt: skip
+            result = run_job({"DRY_RUN": "true", "AWS_ENDPOINT_URL_S3": endpoint} | env)
+            assert result.returncode == 77, result.stderr[-3000:]
+            assert "access denied" in error_line(result)
+    finally:
+        server.kill()
+
+
+def test_out_of_memory_maps_to_70_with_the_settings_to_lower():
+    import torch
+
+    from entrypoint import as_job_error
+    from job.settings import Settings
+
+    settings = Settings(DATASET_URI="d", OUTPUT_URI="o")
+    for exc in (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB")):  # fmt: skip
+        error = as_job_error(exc, settings)
+        assert error.exit_code == 70
+        for name in ("PER_DEVICE_BATCH_SIZE", "GRAD_ACCUM_STEPS", "MAX_SEQ_LENGTH"):
+            assert name in str(error)
+
+
+def test_object_keys_cannot_make_the_job_write_outside_scratch(run_job, s3, bucket, tmp_path):
+    put(s3, bucket, "data/ok.jsonl", jsonl(DEMO_ROWS[:5]))
+    put(s3, bucket, "data/../../../../../../tmp/escaped.jsonl", jsonl(DEMO_ROWS[:5]))
+    result = run_job({"DRY_RUN": "true", "DATASET_URI": f"s3://{bucket}/data/", "OUTPUT_URI": f"s3://{bucket}/runs"})
+    assert result.returncode == 65 and "outside the scratch directory" in error_line(result)
+    assert not Path("/tmp/escaped.jsonl").exists()
+    assert not list((tmp_path / "scratch").rglob("*.jsonl"))
+
+
+def test_secrets_never_appear_in_logs_or_outputs(run_job, s3, bucket):
+    canaries = {"HF_TOKEN": "hf_CANARYtoken1234567890", "AWS_SECRET_ACCESS_KEY": "CANARYsecretKEY0987654321",
+                "AWS_ACCESS_KEY_ID": "AKIACANARYACCESSKEY1"}  # fmt: skip
+    dataset = put(s3, bucket, "d.jsonl", jsonl(DEMO_ROWS[:12]))
+    runs = [
+        run_job({"DRY_RUN": "true", "DATASET_URI": dataset, "OUTPUT_URI": f"s3://{bucket}/runs", **canaries}),
+        run_job({"DRY_RUN": "true", "DATASET_URI": put(s3, bucket, "bad.jsonl", "{oops\n"),
+                 "OUTPUT_URI": f"s3://{bucket}/runs", **canaries}),
+        run_job({"DATASET_URI": dataset, "OUTPUT_URI": f"s3://{bucket}/runs", "MAX_STEPS": "x", **canaries}),
+    ]  # fmt: skip
+    assert [r.returncode for r in runs] == [0, 65, 78]
+    objects = read_objects(s3, bucket, "runs/")
+    assert any(k.endswith("manifest.json") for k in objects) and any(k.endswith("failure.json") for k in objects)
+    for value in canaries.values():
+        for result in runs:
+            assert value not in result.stdout + result.stderr
+        for key, body in objects.items():
+            assert value.encode() not in body, key
+
+
+@pytest.mark.skipif(not os.access("/dev", os.W_OK), reason="needs a writable /dev to stand in for Kubernetes")
+def test_failure_goes_to_the_termination_log(run_job, s3, bucket):
+    path = Path("/dev/termination-log")
+    if path.exists():
+        pytest.skip("a real termination log is mounted here")
+    path.write_text("")
+    try:
+        result = run_job({"DRY_RUN": "true", "DATASET_URI": f"s3://{bucket}/none.jsonl", "OUTPUT_URI": "/tmp/o"})
+        assert result.returncode == 66
+        assert path.read_text().startswith("exit 66 InputNotFound: s3://")
+    finally:
+        path.unlink()
