@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -31,6 +32,9 @@ def setup(log_format: str) -> None:
     """log_format: json, text, or auto (json unless stderr is a terminal)."""
     use_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
     _state["json"] = use_json
+    if use_json:  # datasets' and the Hub's own bars (map, weight loading) would interleave with the JSON lines
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_StageFilter())
     fmt = "%(asctime)s %(levelname)s [%(stage)s] %(message)s"
