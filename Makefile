@@ -5,25 +5,44 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# torch installs first, on its own: the CPU build for tests and dry runs. Elsewhere than these machines,
-# point TORCH_INDEX at PyTorch's CPU wheel index to avoid the multi-GB CUDA build.
-TORCH_VERSION ?= 2.13.0
-TORCH_INDEX ?=
+# Where the CPU build of torch comes from: PIP_FIND_LINKS (a local wheel folder) when set, else TORCH_INDEX.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_SOURCE = $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS),--extra-index-url $(TORCH_INDEX))
+CONTAINER_ENGINE ?= $(shell command -v podman >/dev/null && echo podman || echo docker)
+IMAGE ?= finetune-job
+IMAGE_VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
+PODMAN = $(filter podman,$(notdir $(CONTAINER_ENGINE)))
+# podman on these machines: runc (crun cannot set rlimits here), host networking for the package indexes,
+# and the machine's wheel folder and CA bundle (PIP_FIND_LINKS, PIP_CERT) mounted for the build only.
+ENGINE_FLAGS = $(if $(PODMAN),--runtime runc)
+BUILD_FLAGS = $(ENGINE_FLAGS) $(if $(PODMAN),--network host \
+  $(if $(PIP_FIND_LINKS),-v $(PIP_FIND_LINKS):/run/wheels:ro --build-arg PIP_FIND_LINKS=/run/wheels) \
+  $(if $(PIP_CERT),-v $(PIP_CERT):/run/host-ca.crt:ro --build-arg PIP_CERT=/run/host-ca.crt))
 
 .PHONY: help  ## list the targets
 help:
 	@grep -E '^\.PHONY: [a-z-]+ +## ' $(MAKEFILE_LIST) | sed -E 's/^\.PHONY: ([a-z-]+) +## (.*)/  make \1\t\2/' | expand -t 22
 
-.PHONY: setup  ## create .venv with the CPU dependency set and the dev tools (Python 3.11+)
+.PHONY: setup  ## create .venv with the locked CPU dependency set and the dev tools (Python 3.11+)
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: requirements/dev.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is needed, found " + sys.version.split()[0]'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q $(TORCH_SOURCE) -r requirements/dev.txt
+	$(BIN)/pip install -q --no-deps -e .
 	touch $@
+
+.PHONY: lock  ## pin every package of the CPU, dev and GPU sets (requirements/*.txt) with uv
+lock:  # uses .venv's uv, not setup: setup installs from these files
+	$(BIN)/uv pip compile -q pyproject.toml requirements/cpu.in $(TORCH_SOURCE) --python-version 3.11 \
+	  --python-platform x86_64-manylinux_2_28 --no-emit-find-links --no-emit-index-url -o requirements/cpu.txt
+	$(BIN)/uv pip compile -q pyproject.toml requirements/cpu.in --extra dev -c requirements/cpu.txt $(TORCH_SOURCE) \
+	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 --no-emit-find-links --no-emit-index-url \
+	  -o requirements/dev.txt
+	# Universal: the GPU image's Python is Ubuntu 24.04's 3.12, the proof build's Debian 12's 3.11.
+	$(BIN)/uv pip compile -q pyproject.toml --extra gpu --universal --python-version 3.11 -o requirements/gpu.txt
 
 .PHONY: demo  ## dry-run the job end to end against a local S3 server on the bundled sample data
 demo: setup
@@ -33,10 +52,31 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q tests
 
-.PHONY: lint  ## ruff: lint and format check
+.PHONY: test-image  ## run the dry run inside the CPU image, read-only as uid 10001 (after make image-cpu)
+test-image: setup
+	FINETUNE_IMAGE=$(IMAGE):cpu CONTAINER_ENGINE=$(CONTAINER_ENGINE) $(BIN)/python -m pytest -q tests/test_image.py
+
+.PHONY: lint  ## ruff, hadolint on the Dockerfile, actionlint on the GitHub workflow
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/hadolint --failure-threshold warning Dockerfile
+	$(BIN)/actionlint .github/workflows/*.yml
+
+.PHONY: image  ## build the GPU image (CONTAINER_ENGINE=docker|podman, IMAGE=name)
+image:
+	$(CONTAINER_ENGINE) build $(BUILD_FLAGS) $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) \
+	  --build-arg IMAGE_VERSION=$(IMAGE_VERSION) -t $(IMAGE):gpu .
+
+.PHONY: image-cpu  ## build the CPU image (BASE_IMAGE=debian:bookworm-slim by default)
+image-cpu:
+	$(CONTAINER_ENGINE) build $(BUILD_FLAGS) --build-arg VARIANT=cpu --build-arg BASE_IMAGE=$(or $(BASE_IMAGE),debian:bookworm-slim) \
+	  $(if $(PIP_FIND_LINKS),,--build-arg PIP_EXTRA_INDEX_URL=$(TORCH_INDEX)) --build-arg IMAGE_VERSION=$(IMAGE_VERSION) -t $(IMAGE):cpu .
+
+.PHONY: run-local  ## run the GPU image with ./.env, a model cache volume and the GPUs
+run-local:
+	$(CONTAINER_ENGINE) run --rm $(ENGINE_FLAGS) --gpus all --env-file .env --read-only \
+	  --tmpfs /tmp:exec -v finetune-scratch:/scratch $(IMAGE):gpu
 
 .PHONY: bench-dry-run  ## time the dry run on 1,000 rows (the contract: under two minutes on two cores)
 bench-dry-run: setup

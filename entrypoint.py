@@ -44,7 +44,13 @@ def run(settings: Settings, storage: Storage, out: str) -> int:
     scratch = Path(settings.SCRATCH_DIR) / settings.run_id()
     stage = scratch / "output"
     shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
+    try:
+        stage.mkdir(parents=True)
+    except OSError as exc:
+        raise ConfigInvalid(
+            f"SCRATCH_DIR={settings.SCRATCH_DIR} is not writable ({exc.strerror}): mount a writable volume there "
+            "(an emptyDir, --tmpfs /scratch) or point SCRATCH_DIR at one"
+        ) from None
     log.info("run %s -> %s (backend %s%s)", settings.run_id(), out, backend, ", dry run" if settings.DRY_RUN else "")
     timings: dict[str, float] = {}
 

@@ -1,0 +1,68 @@
+"""The built image runs the dry run as users run it: read-only root, uid 10001, only /tmp and /scratch writable.
+
+Run it with `make image-cpu test-image`.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from tests.conftest import CREDENTIALS, DEMO_DATA, put, read_objects
+
+IMAGE = os.environ.get("FINETUNE_IMAGE")
+ENGINE = os.environ.get("CONTAINER_ENGINE", "podman")
+pytestmark = [
+    pytest.mark.image,
+    pytest.mark.skipif(not IMAGE, reason="set FINETUNE_IMAGE to an image built by `make image-cpu`"),
+]
+
+
+def container(*args: str, env: dict) -> subprocess.CompletedProcess:
+    runtime = ["--runtime", "runc"] if os.path.basename(ENGINE) == "podman" else []
+    flags = [f"--env={k}={v}" for k, v in env.items()]
+    return subprocess.run(
+        [shutil.which(ENGINE) or ENGINE, "run", "--rm", *runtime, "--network", "host", *args, *flags, IMAGE],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def test_dry_run_in_the_image_read_only_as_uid_10001(s3, s3_endpoint, bucket):
+    dataset = put(s3, bucket, "data/train.jsonl", DEMO_DATA.read_text())
+    env = CREDENTIALS | {
+        "AWS_ENDPOINT_URL_S3": s3_endpoint,
+        "DATASET_URI": dataset,
+        "OUTPUT_URI": f"s3://{bucket}/runs",
+        "DRY_RUN": "true",
+        "EVAL_FRACTION": "0.05",
+        "HF_HUB_OFFLINE": "1",
+    }
+    result = container("--read-only", "--user", "10001", "--tmpfs", "/tmp", "--tmpfs", "/scratch", env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    objects = read_objects(s3, bucket, "runs/")
+    [manifest_key] = [k for k in objects if k.endswith("/manifest.json")]
+    manifest = json.loads(objects[manifest_key])
+    run = manifest_key.removesuffix("manifest.json")
+    assert manifest["dry_run"] is True and manifest["status"] == "succeeded"
+    assert manifest["image_version"] not in (None, "dev"), "the build records its version"
+    files = {f["path"]: f for f in manifest["files"]}
+    for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "report.md", "samples.jsonl"):
+        assert files[name]["sha256"] == hashlib.sha256(objects[run + name]).hexdigest()
+    assert json.loads(objects[run + "adapter/adapter_config.json"])["r"] == 16
+
+
+def test_the_image_runs_as_10001_and_reports_configuration_errors(s3_endpoint):
+    result = container("--read-only", "--tmpfs", "/tmp", env={"OUTPUT_URI": "/tmp/out", "LORA_R": "0"})
+    assert result.returncode == 78
+    assert "DATASET_URI is required" in result.stderr and "LORA_R" in result.stderr
+    whoami = subprocess.run(
+        [shutil.which(ENGINE) or ENGINE, "image", "inspect", "--format", "{{.Config.User}}", IMAGE],
+        capture_output=True,
+        text=True,
+    )
+    assert whoami.stdout.strip() == "10001"

@@ -1,0 +1,54 @@
+"""requirements/*.txt pin every package of each set (`make lock`); these checks fail when a declared
+dependency and its lock disagree."""
+
+import re
+import tomllib
+
+import pytest
+from packaging.requirements import Requirement
+
+from tests.conftest import ROOT
+
+PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def pins(name: str) -> dict[str, str]:
+    """{package: version} of a lock file; a package pinned twice (per platform) keeps every version."""
+    found: dict[str, set[str]] = {}
+    for line in (ROOT / "requirements" / name).read_text().splitlines():
+        match = re.match(r"^([A-Za-z0-9_.\[\]-]+)==([^ ;]+)", line)
+        if match:
+            package = re.sub(r"\[.*\]", "", match[1]).lower().replace("_", "-")
+            found.setdefault(package, set()).add(match[2])
+    return {package: versions for package, versions in found.items()}
+
+
+LOCKS = {
+    "cpu.txt": PROJECT["dependencies"],
+    "dev.txt": PROJECT["dependencies"] + PROJECT["optional-dependencies"]["dev"],
+    "gpu.txt": PROJECT["dependencies"] + PROJECT["optional-dependencies"]["gpu"],
+}
+
+
+@pytest.mark.parametrize("lock", list(LOCKS))
+def test_every_declared_dependency_is_pinned_within_its_range(lock):
+    locked = pins(lock)
+    for text in LOCKS[lock]:
+        requirement = Requirement(text)
+        name = requirement.name.lower().replace("_", "-")
+        assert name in locked, f"{name} is declared but not in requirements/{lock}: run make lock"
+        for version in locked[name]:
+            assert requirement.specifier.contains(version, prereleases=True), (
+                f"requirements/{lock} pins {name}=={version}, outside {requirement}: run make lock"
+            )
+
+
+def test_the_dev_set_is_the_cpu_set_plus_tools():
+    cpu, dev = pins("cpu.txt"), pins("dev.txt")
+    assert {name: dev.get(name) for name in cpu} == cpu, "dev.txt must pin the CPU set as cpu.txt does"
+
+
+def test_gpu_set_is_the_measured_stack():
+    gpu = pins("gpu.txt")
+    assert gpu["unsloth"] == {"2026.10.9"} and gpu["trl"] == {"1.14.2"} and gpu["transformers"] == {"5.17.0"}
+    assert gpu["torch"] == {"2.11.0"} and "xformers" in gpu and "bitsandbytes" in gpu
