@@ -82,6 +82,17 @@ run-local:
 bench-dry-run: setup
 	$(BIN)/python bench/dry_run.py
 
+.PHONY: k8s-validate  ## build every kustomization and validate it strictly against Kubernetes 1.37's schemas
+k8s-validate: setup
+	@set -e; for dir in k8s k8s/multi-gpu k8s/multi-node k8s/sweep; do \
+	  $(BIN)/kubectl kustomize $$dir > .k8s-rendered.yaml; \
+	  $(BIN)/kubernetes-validate --strict --quiet -k 1.37.0 .k8s-rendered.yaml; echo "$$dir: valid"; \
+	done; $(BIN)/kubernetes-validate --strict --quiet -k 1.37.0 k8s/secret.example.yaml; rm -f .k8s-rendered.yaml
+
+.PHONY: k8s-apply  ## deploy the base Job to the current kubectl context (edit k8s/base/configmap.yaml first)
+k8s-apply:
+	kubectl apply -k k8s/
+
 .PHONY: clean  ## remove .venv, demo outputs and caches
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .ruff_cache

@@ -14,7 +14,7 @@ _state = {"stage": "start", "json": True}
 
 class _StageFilter(logging.Filter):
     def filter(self, record):
-        record.stage = _state["stage"]
+        record.stage = _state["stage"] if _state.get("rank") is None else f"{_state['stage']}, rank {_state['rank']}"
         return True
 
 
@@ -28,8 +28,9 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
-def setup(log_format: str) -> None:
-    """log_format: json, text, or auto (json unless stderr is a terminal)."""
+def setup(log_format: str, rank: int | None = None) -> None:
+    """log_format: json, text, or auto (json unless stderr is a terminal). Under torchrun (rank given),
+    lines carry the rank, and ranks other than 0 log warnings and errors only."""
     use_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
     _state["json"] = use_json
     if use_json:  # datasets' and the Hub's own bars (map, weight loading) would interleave with the JSON lines
@@ -39,7 +40,8 @@ def setup(log_format: str) -> None:
     handler.addFilter(_StageFilter())
     fmt = "%(asctime)s %(levelname)s [%(stage)s] %(message)s"
     handler.setFormatter(_JsonFormatter() if use_json else logging.Formatter(fmt, "%H:%M:%S"))
-    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    _state["rank"] = rank
+    logging.basicConfig(level=logging.INFO if not rank else logging.WARNING, handlers=[handler], force=True)
     # Libraries log through their own loggers; keep their chatter to warnings.
     for name in (
         "transformers",
@@ -64,9 +66,9 @@ def is_json() -> bool:
     return _state["json"]
 
 
-def progress(**kwargs) -> tqdm:
+def progress(disable: bool | None = None, **kwargs) -> tqdm:
     """A tqdm bar in text mode; silent in JSON mode, where stages log their own numbers."""
-    return tqdm(disable=_state["json"], file=sys.stderr, **kwargs)
+    return tqdm(disable=_state["json"] if disable is None else disable, file=sys.stderr, **kwargs)
 
 
 @contextmanager

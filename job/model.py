@@ -9,6 +9,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from job import distributed
 from job.errors import AccessDenied, ConfigInvalid, InputNotFound
 from job.storage import Storage, is_s3
 
@@ -62,7 +63,7 @@ def fetch_base(settings, storage: Storage, dest: Path) -> Base:
     uri = settings.BASE_MODEL
     if is_s3(uri):
         # A dry run first takes everything but the weights, then the weights only for a small model.
-        storage.fetch(uri, dest, keep=lambda key: not (settings.DRY_RUN and key.endswith(WEIGHT_SUFFIXES)))
+        download(settings, storage, uri, dest, lambda key: not (settings.DRY_RUN and key.endswith(WEIGHT_SUFFIXES)))
         source = str(dest)
     elif Path(uri).is_dir():
         source = uri
@@ -80,11 +81,18 @@ def fetch_base(settings, storage: Storage, dest: Path) -> Base:
         return Base(source if Path(source).is_dir() else None, LlamaConfig())
     if Path(source).is_dir() and _parameters(config) <= DRY_RUN_MAX_PARAMS:
         if is_s3(uri):
-            storage.fetch(uri, dest, keep=lambda key: key.endswith(WEIGHT_SUFFIXES))
+            download(settings, storage, uri, dest, lambda key: key.endswith(WEIGHT_SUFFIXES))
         log.info("dry run: BASE_MODEL is small enough to train on CPU as it is")
         return Base(source)
     log.info("dry run: a tiny random %s stands in for BASE_MODEL", type(config).__name__)
     return Base(source, config)
+
+
+def download(settings, storage: Storage, uri: str, dest: Path, keep) -> None:
+    """The model's files into dest, once per node: local rank 0 downloads while the other ranks wait."""
+    if settings.LOCAL_RANK == 0:
+        storage.fetch(uri, dest, keep=keep)
+    distributed.barrier(settings)
 
 
 def _config(source: str, settings):
@@ -194,6 +202,7 @@ def load_unsloth(settings, base: Base, tokenizer):
             dtype=None,
             load_in_4bit=settings.LOAD_IN_4BIT,
             token=_token(settings),
+            device_map={"": settings.LOCAL_RANK},  # one GPU per rank under torchrun
         )
     except (OSError, ValueError) as exc:
         raise hub_error(exc, "model") from None

@@ -64,6 +64,7 @@ def manifest(stage: Path, summary: dict, image_version: str | None) -> dict:
         "dataset": summary["dataset"],
         "base_model": summary["base_model"],
         "backend": summary["backend"],
+        "world_size": summary["world_size"],
         "job_version": __version__,
         "image_version": image_version,
         "python": platform.python_version(),

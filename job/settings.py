@@ -20,7 +20,8 @@ from job.errors import ConfigInvalid
 
 # Variables that do not change what is trained, so they stay out of the default RUN_ID.
 NOT_IN_RUN_ID = {
-    "RUN_ID", "ENV_FILE", "SCRATCH_DIR", "LOG_FORMAT", "IMAGE_VERSION", "HF_TOKEN", "AWS_ACCESS_KEY_ID",
+    "RUN_ID", "ENV_FILE", "SCRATCH_DIR", "LOG_FORMAT", "IMAGE_VERSION", "RANK", "LOCAL_RANK", "SWEEP_FILE",
+    "JOB_COMPLETION_INDEX", "HF_TOKEN", "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
     "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL",
 }  # fmt: skip
@@ -123,6 +124,16 @@ class Settings(BaseSettings):
     """Run every stage on CPU with a tiny model for DRY_RUN_STEPS steps."""
     DRY_RUN_STEPS: int = Field(default=3, ge=1)
     """Training steps in a dry run."""
+    RANK: int = Field(default=0, ge=0)
+    """Set by torchrun: this process's rank; rank 0 alone reads the dataset and writes outputs."""
+    LOCAL_RANK: int = Field(default=0, ge=0)
+    """Set by torchrun: this process's GPU on its node."""
+    WORLD_SIZE: int = Field(default=1, ge=1)
+    """Set by torchrun: processes (GPUs) in the run."""
+    SWEEP_FILE: str | None = None
+    """JSON lines of variable overrides; line JOB_COMPLETION_INDEX configures this run (an Indexed Job sweep)."""
+    JOB_COMPLETION_INDEX: int | None = Field(default=None, ge=0)
+    """Set by Kubernetes for Indexed Jobs: picks the SWEEP_FILE line."""
     IMAGE_VERSION: str | None = None
     """Set by the image build; recorded in manifest.json."""
     LOG_FORMAT: Literal["auto", "json", "text"] = "auto"
@@ -198,6 +209,31 @@ def read_settings() -> Settings:
         raise ConfigInvalid(f"ENV_FILE={env_file!r} does not exist: point it at a dotenv file or unset it")
     load_dotenv(env_file, override=False)
     try:
-        return Settings().effective()
+        settings = Settings()
+        if settings.SWEEP_FILE:
+            settings = Settings(**sweep_point(settings.SWEEP_FILE, settings.JOB_COMPLETION_INDEX))
+        return settings.effective()
     except ValidationError as exc:
         raise ConfigInvalid("; ".join(_describe(e) for e in exc.errors(include_url=False))) from None
+
+
+def sweep_point(path: str, index: int | None) -> dict:
+    """Line `index` of a JSON-lines file of overrides; it wins over the environment."""
+    if index is None:
+        raise ConfigInvalid("SWEEP_FILE is set but JOB_COMPLETION_INDEX is not: run it as an Indexed Job, or set it")
+    try:
+        lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    except OSError as exc:
+        raise ConfigInvalid(f"SWEEP_FILE={path}: cannot be read ({exc.strerror}): mount the sweep there") from None
+    if index >= len(lines):
+        raise ConfigInvalid(
+            f"JOB_COMPLETION_INDEX={index}: SWEEP_FILE has {len(lines)} configurations: lower the Job's completions"
+        )
+    try:
+        point = json.loads(lines[index])
+    except json.JSONDecodeError as exc:
+        raise ConfigInvalid(f"SWEEP_FILE={path}:{index + 1}: invalid JSON ({exc.msg}): fix the line") from None
+    unknown = sorted(set(point) - set(Settings.model_fields)) if isinstance(point, dict) else ["(not an object)"]
+    if unknown:
+        raise ConfigInvalid(f"SWEEP_FILE={path}:{index + 1}: unknown variables {unknown}: use names from env.example")
+    return point

@@ -58,7 +58,7 @@ def train(settings, model, tokenizer, train_ds, eval_ds, out: Path, checkpoints:
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    step_log = step_logger(out / "train_log.jsonl")
+    step_log = step_logger(out / "train_log.jsonl", main=settings.RANK == 0)
     trainer = SFTTrainer(
         model=model,
         args=sft_config(settings, checkpoints, backend, eval_ds is not None),
@@ -74,8 +74,9 @@ def train(settings, model, tokenizer, train_ds, eval_ds, out: Path, checkpoints:
     evals = [row for row in step_log.rows if "eval_loss" in row]
     if eval_ds is not None and (not evals or evals[-1]["step"] != trainer.state.global_step):
         evals.append(trainer.evaluate())  # logged to train_log.jsonl by step_log
-    trainer.model.save_pretrained(out / "adapter")
-    tokenizer.save_pretrained(out / "adapter")
+    if trainer.is_world_process_zero():
+        trainer.model.save_pretrained(out / "adapter")
+        tokenizer.save_pretrained(out / "adapter")
     train_losses = [row["loss"] for row in step_log.rows if "loss" in row]
     tokens = int(trainer.state.num_input_tokens_seen)
     runtime = result.metrics["train_runtime"]
@@ -97,25 +98,28 @@ def train(settings, model, tokenizer, train_ds, eval_ds, out: Path, checkpoints:
     }
 
 
-def step_logger(path: Path):
+def step_logger(path: Path, main: bool):
     """A TrainerCallback that writes train_log.jsonl and logs each step with loss, learning rate,
-    tokens/s and ETA (as JSON fields in JSON mode)."""
+    tokens/s and ETA (as JSON fields in JSON mode); under torchrun, on rank 0 only."""
     from transformers import TrainerCallback
 
     class StepLog(TrainerCallback):
         def __init__(self):
             self.rows, self.start, self.first_step_seconds = [], time.perf_counter(), None
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("")
+            if main:
+                path.write_text("")
 
         def write(self, row: dict) -> None:
             self.rows.append(row)
-            with path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            if main:
+                with path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.start = time.perf_counter()
-            self.bar = logs.progress(total=state.max_steps, desc="train", unit="step")
+            self.bar = logs.progress(
+                total=state.max_steps, desc="train", unit="step", disable=not main or logs.is_json()
+            )
 
         def on_step_end(self, args, state, control, **kwargs):
             if self.first_step_seconds is None:
@@ -137,6 +141,8 @@ def step_logger(path: Path):
             remaining = state.max_steps - state.global_step
             row["eta_seconds"] = round(elapsed / max(state.global_step, 1) * remaining, 1)
             self.write(row)
+            if not main:
+                return
             if not logs.is_json():
                 self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
                 return

@@ -91,7 +91,7 @@ def read_objects(s3, bucket: str, prefix: str = "") -> dict[str, bytes]:
 def run_job(tmp_path, s3_endpoint):
     """Runs `python entrypoint.py` with a clean environment plus env; returns the CompletedProcess."""
 
-    def run(env: dict, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    def run(env: dict, cwd: Path | None = None, command: list[str] | None = None) -> subprocess.CompletedProcess:
         base = {
             "PATH": os.environ["PATH"],
             "HOME": str(tmp_path),
@@ -103,12 +103,12 @@ def run_job(tmp_path, s3_endpoint):
             **CREDENTIALS,
         }
         return subprocess.run(
-            [sys.executable, str(ROOT / "entrypoint.py")],
+            [*(command or [sys.executable]), str(ROOT / "entrypoint.py")],
             env={k: v for k, v in (base | env).items() if v is not None},
             cwd=cwd or tmp_path,
             capture_output=True,
             text=True,
-            timeout=timeout,
+            timeout=600,
         )
 
     return run

@@ -318,3 +318,20 @@ def test_failure_goes_to_the_termination_log(run_job, s3, bucket):
         assert path.read_text().startswith("exit 66 InputNotFound: s3://")
     finally:
         path.unlink()
+
+
+def test_torchrun_with_two_cpu_processes_publishes_once(run_job, s3, bucket):
+    """Every rank trains (DDP over gloo); rank 0 alone reads the dataset and publishes."""
+    import sys
+
+    env = {"DRY_RUN": "true", "DATASET_URI": put(s3, bucket, "d.jsonl", jsonl(DEMO_ROWS[:40])),
+           "OUTPUT_URI": f"s3://{bucket}/runs"}  # fmt: skip
+    result = run_job(env, command=[sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"])
+    run_id, files = run_outputs(s3, bucket, result)
+    manifest = json.loads(files["manifest.json"])
+    assert manifest["world_size"] == 2 and manifest["dry_run"] is True
+    lines = log_lines(result)
+    assert [line["stage"] for line in lines if line["message"] == "publish: started"] == ["publish, rank 0"]
+    assert {line["message"] for line in lines if "rank 1" in line["stage"]} <= {"rank 1 of 2 (local rank 1)"}
+    steps = [json.loads(line) for line in files["train_log.jsonl"].decode().splitlines() if "loss" in line]
+    assert [s["step"] for s in steps if "loss" in s] == [1, 2, 3]

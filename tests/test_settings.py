@@ -103,3 +103,28 @@ def test_env_example_lists_exactly_the_settings():
     listed = re.findall(r"^#?\s?([A-Z][A-Z0-9_]+)=", text, flags=re.M)
     assert sorted(listed) == sorted(Settings.model_fields)
     assert len(listed) == len(set(listed)), "a variable is listed twice"
+
+
+def test_a_sweep_line_configures_one_index_of_an_indexed_job(env, tmp_path):
+    sweep = tmp_path / "sweep.jsonl"
+    sweep.write_text('{"LEARNING_RATE": 1e-4, "LORA_R": 8}\n{"LEARNING_RATE": 3e-4, "PACKING": true}\n')
+    env(**REQUIRED, SWEEP_FILE=str(sweep), JOB_COMPLETION_INDEX="1", LEARNING_RATE="9e-9")
+    s = read_settings()
+    assert (s.LEARNING_RATE, s.PACKING, s.LORA_R) == (3e-4, True, 16)
+    env(JOB_COMPLETION_INDEX="0")
+    first = read_settings()
+    assert first.LORA_R == 8 and first.run_id() != s.run_id(), "each configuration gets its own run"
+
+
+@pytest.mark.parametrize(
+    ("lines", "index", "problem"),
+    [('{"LORA_R": 8}\n', "3", "JOB_COMPLETION_INDEX=3: SWEEP_FILE has 1 configurations"),
+     ('{"LORA_RANK": 8}\n', "0", "unknown variables \\['LORA_RANK'\\]"),
+     ("{oops\n", "0", "invalid JSON"),
+     ('{"LORA_R": 8}\n', None, "JOB_COMPLETION_INDEX is not")],
+)  # fmt: skip
+def test_bad_sweeps_are_configuration_errors(env, tmp_path, lines, index, problem):
+    (tmp_path / "sweep.jsonl").write_text(lines)
+    env(**REQUIRED, SWEEP_FILE=str(tmp_path / "sweep.jsonl"), **({"JOB_COMPLETION_INDEX": index} if index else {}))
+    with pytest.raises(ConfigInvalid, match=problem):
+        read_settings()
