@@ -82,6 +82,10 @@ run-local:
 bench-dry-run: setup
 	$(BIN)/python bench/dry_run.py
 
+.PHONY: bench  ## GPU benchmark: unsloth vs hf, 1B and 8B shapes, multi-GPU scaling (on a GPU host; docs/benchmarks.md)
+bench:
+	$(PYTHON) bench/run.py
+
 .PHONY: k8s-validate  ## build every kustomization and validate it strictly against Kubernetes 1.37's schemas
 k8s-validate: setup
 	@set -e; for dir in k8s k8s/multi-gpu k8s/multi-node k8s/sweep; do \

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The real job on a GPU host, through entrypoint.py, with both backends and two dataset formats.
-#   bash bench/gpu_job.sh SHAPE OUT_DIR [STEPS]      e.g. bash bench/gpu_job.sh llama-3.2-1b "$OUT" 30
+#   bash bench/gpu_job.sh SHAPE OUT_DIR [STEPS] [FORMATS]   e.g. bash bench/gpu_job.sh llama-3.2-1b "$OUT" 30
+# FORMATS: "instructions chats" (default; alpaca and sharegpt rows) or one of them.
 # SHAPE is one of bench/synthetic_model.py's shapes. Each run's log, metrics, samples and report land
 # in OUT_DIR/SHAPE-BACKEND-FORMAT/ (the adapter weights stay behind in /tmp).
 set -euo pipefail
-shape=$1 out=$2 steps=${3:-30}
+shape=$1 out=$2 steps=${3:-30} formats=${4:-instructions chats}
 work=/tmp/gpu-job
 mkdir -p "$work" "$out"
 [ -d "$work/$shape" ] || python3 bench/synthetic_model.py --shape "$shape" --out "$work/$shape"
@@ -18,8 +19,9 @@ with open(f"{sys.argv[1]}/chats.jsonl", "w") as f:
 PY
 status=0
 for backend in unsloth hf; do
-  for data in demo/instructions.jsonl "$work/chats.jsonl"; do
-    name="$shape-$backend-$(basename "$data" .jsonl)"
+  for format in $formats; do
+    data=$([ "$format" = instructions ] && echo demo/instructions.jsonl || echo "$work/chats.jsonl")
+    name="$shape-$backend-$format"
     rm -rf "$work/runs/$name"
     start=$SECONDS
     if BASE_MODEL="$work/$shape" DATASET_URI="$data" OUTPUT_URI="$work/runs" RUN_ID="$name" TRAIN_BACKEND=$backend \

@@ -79,7 +79,7 @@ def fetch_base(settings, storage: Storage, dest: Path) -> Base:
         from transformers import LlamaConfig
 
         return Base(source if Path(source).is_dir() else None, LlamaConfig())
-    if Path(source).is_dir() and _parameters(config) <= DRY_RUN_MAX_PARAMS:
+    if Path(source).is_dir() and parameter_count(config) <= DRY_RUN_MAX_PARAMS:
         if is_s3(uri):
             download(settings, storage, uri, dest, lambda key: key.endswith(WEIGHT_SUFFIXES))
         log.info("dry run: BASE_MODEL is small enough to train on CPU as it is")
@@ -105,7 +105,8 @@ def _config(source: str, settings):
         return None
 
 
-def _parameters(config) -> int:
+def parameter_count(config) -> int:
+    """Parameters of a model of this configuration, counted without allocating it."""
     import torch
     from transformers import AutoModelForCausalLM
 

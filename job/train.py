@@ -136,7 +136,11 @@ def step_logger(path: Path, main: bool):
                 return  # the trainer's end-of-run summary; train() reports it
             elapsed = time.perf_counter() - self.start
             row = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), **values}
-            row |= {"tokens": int(state.num_input_tokens_seen), "seconds": round(elapsed, 3)}
+            row |= {
+                "tokens": int(state.num_input_tokens_seen),
+                "seconds": round(elapsed, 3),
+                "time": round(time.time(), 3),
+            }
             row["tokens_per_second"] = round(row["tokens"] / elapsed, 1) if elapsed else None
             remaining = state.max_steps - state.global_step
             row["eta_seconds"] = round(elapsed / max(state.global_step, 1) * remaining, 1)

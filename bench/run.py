@@ -1,0 +1,86 @@
+"""`make bench`: the GPU benchmark table. Each backend of each shape runs in its own process
+(bench/train_bench.py; unsloth patches transformers for the whole process), then unsloth again under
+torchrun on every GPU of the machine when it has more than one. Prints a markdown table with the
+unsloth/hf ratios and the multi-GPU scaling, ready for docs/benchmarks.md.
+
+    python bench/run.py [--shapes llama-3.2-1b,llama-3-8b] [--steps 15] [--out results.jsonl]
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def run(command: list[str], log: Path) -> dict | None:
+    with log.open("w") as f:
+        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=f, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("BENCH ")]
+    if done.returncode or not lines:
+        print(f"failed ({done.returncode}): {' '.join(command)}; see {log}", file=sys.stderr)
+        return None
+    return json.loads(lines[-1].removeprefix("BENCH "))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="llama-3.2-1b,llama-3-8b")
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--gpus", type=int, default=None, help="GPUs for the torchrun row (default: all)")
+    parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    args = parser.parse_args()
+    import torch
+
+    gpus = args.gpus or torch.cuda.device_count()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for shape in args.shapes.split(","):
+        for backend in ("unsloth", "hf"):
+            command = [sys.executable, str(HERE / "train_bench.py"), "--shape", shape, "--backend", backend,
+                       "--steps", str(args.steps)]  # fmt: skip
+            results.append(run(command, args.out / f"{shape}-{backend}.log"))
+        if gpus > 1:
+            torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}"]
+            command = [*torchrun, str(HERE / "train_bench.py"), "--shape", shape, "--backend", "unsloth",
+                       "--steps", str(args.steps)]  # fmt: skip
+            results.append(run(command, args.out / f"{shape}-unsloth-{gpus}gpu.log"))
+    results = [r for r in results if r]
+    (args.out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
+    print(table(results))
+    return 0 if len(results) == len(args.shapes.split(",")) * (2 + (gpus > 1)) else 1
+
+
+def table(results: list[dict]) -> str:
+    first = results[0]
+    lines = [
+        f"{date.today()}, {first['gpu']}, torch {first['torch']}, seq {first['seq']}, batch {first['batch']} per GPU, "
+        f"QLoRA r=16 on all 7 projections, adamw_8bit, median of {first['steps_timed']} steps after warm-up, "
+        f"bf16 matmul peak {first['matmul_peak_tflops']} TFLOP/s",
+        "",
+        "| shape | backend | GPUs | s/step | tokens/s | peak GiB | to first step s | MFU | vs hf | scaling |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    by_key = {(r["shape"], r["backend"], r["gpus"]): r for r in results}
+    for r in results:
+        hf = by_key.get((r["shape"], "hf", 1))
+        single = by_key.get((r["shape"], r["backend"], 1))
+        versus = (
+            f"{r['tokens_per_second'] / hf['tokens_per_second']:.2f}x tok/s, "
+            f"{r['peak_gpu_gib'] / hf['peak_gpu_gib']:.0%} mem"
+            if hf and r["backend"] == "unsloth" and r["gpus"] == 1
+            else ""
+        )
+        scaling = f"{r['tokens_per_second'] / (single['tokens_per_second'] * r['gpus']):.0%}" if r["gpus"] > 1 else ""
+        lines.append(
+            f"| {r['shape']} | {r['backend']} | {r['gpus']} | {r['seconds_per_step']} | {r['tokens_per_second']:,} | "
+            f"{r['peak_gpu_gib']} | {r['seconds_to_first_step']} | {r['mfu']:.1%} | {versus} | {scaling} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

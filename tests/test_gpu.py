@@ -1,0 +1,120 @@
+"""The GPU path, on a GPU host: `python3 -m pytest -m gpu tests/test_gpu.py` (skipped without CUDA).
+
+A small random Llama learns a structured task through the real entry point with each backend; the
+adapter reloaded from disk answers exactly as the model in memory; training moves LoRA weights and
+leaves the base alone; an absurd batch exits 70 with the settings to lower.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")]
+
+WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet"]
+TASK = [{"instruction": "Reverse the word.", "input": w, "output": w[::-1]} for w in WORDS] * 8
+LEARN = {"MAX_STEPS": "60", "LEARNING_RATE": "3e-3", "PER_DEVICE_BATCH_SIZE": "8", "GRAD_ACCUM_STEPS": "1",
+         "WARMUP_STEPS": "2", "LORA_ALPHA": "32", "CHECKPOINT_EVERY_STEPS": "0", "MAX_SEQ_LENGTH": "256"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory) -> Path:
+    """A 4-layer, 512-wide random Llama with a tokenizer learned from the demo data, in bf16."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from job.model import train_tokenizer
+
+    rows = [json.loads(line) for line in (ROOT / "demo" / "instructions.jsonl").read_text().splitlines()]
+    tokenizer = train_tokenizer([{"prompt": r["instruction"] + r["input"], "completion": r["output"]} for r in rows])
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=16384, initializer_range=0.1,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("small-llama")
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def run_entrypoint(tmp_path: Path, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "entrypoint.py")],
+        env=os.environ | {"LOG_FORMAT": "json", "SCRATCH_DIR": str(tmp_path / "scratch"), "HF_HUB_OFFLINE": "1"} | env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+@pytest.mark.parametrize("backend", ["unsloth", "hf"])
+def test_a_structured_task_is_learned_through_the_entry_point(tmp_path, small_model, backend):
+    (tmp_path / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TASK))
+    result = run_entrypoint(tmp_path, LEARN | {"BASE_MODEL": str(small_model), "TRAIN_BACKEND": backend,
+                                               "DATASET_URI": str(tmp_path / "task.jsonl"),
+                                               "OUTPUT_URI": str(tmp_path / "out"), "RUN_ID": backend})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-5000:]
+    run = tmp_path / "out" / backend
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["final_loss"] < 0.3 * metrics["first_loss"], metrics
+    assert metrics["peak_gpu_memory_gib"] > 0
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["backend"] == backend and manifest["dry_run"] is False
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 5 and all(s["response"] != s["base_response"] for s in samples)
+
+
+def test_out_of_memory_exits_70_naming_the_settings(tmp_path, small_model):
+    # 2,048 sequences of 16,384 tokens in one batch: one MLP activation alone would be about 100 GiB.
+    rows = [{"text": " ".join(WORDS * 800)}] * 2048
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = run_entrypoint(tmp_path, {"BASE_MODEL": str(small_model), "DATASET_URI": str(tmp_path / "long.jsonl"),
+                                       "OUTPUT_URI": str(tmp_path / "out"), "PER_DEVICE_BATCH_SIZE": "2048",
+                                       "MAX_SEQ_LENGTH": "16384", "MAX_STEPS": "2", "RUN_ID": "oom"})  # fmt: skip
+    assert result.returncode == 70, result.stderr[-5000:]
+    errors = [json.loads(line) for line in result.stderr.splitlines() if line.startswith('{"') and '"error"' in line]
+    message = errors[-1]["message"]
+    assert all(name in message for name in ("PER_DEVICE_BATCH_SIZE", "GRAD_ACCUM_STEPS", "MAX_SEQ_LENGTH"))
+    assert json.loads((tmp_path / "out" / "oom" / "failure.json").read_text())["exit_code"] == 70
+
+
+def test_the_saved_adapter_answers_as_the_model_in_memory_and_only_lora_moves(tmp_path, small_model):
+    """In this process, with unsloth (the GPU default): train, then compare."""
+    from job import data, model, samples, train
+    from job.settings import Settings
+
+    settings = Settings(DATASET_URI="x", OUTPUT_URI="y", BASE_MODEL=str(small_model), TRAIN_BACKEND="unsloth",
+                        **{k: v for k, v in LEARN.items() if k != "MAX_STEPS"}, MAX_STEPS=30)  # fmt: skip
+    backend = model.resolve_backend(settings)
+    base = model.Base(str(small_model))
+    tokenizer = model.load_tokenizer(settings, base, [])
+    tokenizer.chat_template = data.TEMPLATES["alpaca"]
+    examples = [data.to_example(row, "alpaca") for row in TASK]
+    lm = model.load(settings, base, tokenizer, backend)
+    named = dict(lm.named_parameters())
+    lora_before = {n: p.detach().clone() for n, p in named.items() if "lora_" in n}
+    base_before = {n: p.detach().clone() for n, p in named.items() if "lora_" not in n}
+    out = tmp_path / "out"
+    out.mkdir()
+    dataset = data.tokenize(tokenizer, examples, responses_only=True)
+    train.train(settings, lm, tokenizer, dataset, None, out, tmp_path / "ckpt", backend)
+
+    named = dict(lm.named_parameters())
+    assert all(not torch.equal(named[n], p) for n, p in lora_before.items() if "lora_B" in n), "LoRA B moved"
+    assert all(torch.equal(named[n], p) for n, p in base_before.items()), "base weights stayed"
+
+    from unsloth import FastLanguageModel
+
+    inputs = data.sample_inputs(tokenizer, examples[: len(WORDS)])
+    FastLanguageModel.for_inference(lm)
+    in_memory = samples._generate(lm, tokenizer, [i["input"] for i in inputs], 16, "in memory")
+    reloaded = samples.generate(lm, tokenizer, out / "adapter", inputs, 16, backend)
+    assert [r["response"] for r in reloaded] == in_memory
