@@ -85,9 +85,10 @@ def main() -> int:
     lm = model.load(settings, base, tokenizer, backend)
     with tempfile.TemporaryDirectory() as out:
         metrics = train.train(settings, lm, tokenizer, dataset, None, Path(out), Path(out) / "ckpt", backend)
+        if settings.RANK != 0:  # rank 0 alone writes the step log
+            distributed.teardown(settings)
+            return 0
         log = [json.loads(line) for line in (Path(out) / "train_log.jsonl").read_text().splitlines()]
-    if settings.RANK != 0:
-        return 0
     steps = [r for r in log if "loss" in r]
     spans = [(b["seconds"] - a["seconds"], b["tokens"] - a["tokens"]) for a, b in zip(steps, steps[1:])][WARMUP:]
     step_seconds = statistics.median(s for s, _ in spans)

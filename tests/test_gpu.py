@@ -26,7 +26,7 @@ LEARN = {"MAX_STEPS": "60", "LEARNING_RATE": "3e-3", "PER_DEVICE_BATCH_SIZE": "8
 
 @pytest.fixture(scope="module")
 def small_model(tmp_path_factory) -> Path:
-    """A 4-layer, 512-wide random Llama with a tokenizer learned from the demo data, in bf16."""
+    """A 4-layer, 512-wide random Llama (MLP 8192 wide) with a tokenizer learned from the demo data, in bf16."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from job.model import train_tokenizer
@@ -34,7 +34,7 @@ def small_model(tmp_path_factory) -> Path:
     rows = [json.loads(line) for line in (ROOT / "demo" / "instructions.jsonl").read_text().splitlines()]
     tokenizer = train_tokenizer([{"prompt": r["instruction"] + r["input"], "completion": r["output"]} for r in rows])
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
+        vocab_size=len(tokenizer), hidden_size=512, intermediate_size=8192, num_hidden_layers=4,
         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=16384, initializer_range=0.1,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
@@ -72,20 +72,6 @@ def test_a_structured_task_is_learned_through_the_entry_point(tmp_path, small_mo
     assert len(samples) == 5 and all(s["response"] != s["base_response"] for s in samples)
 
 
-def test_out_of_memory_exits_70_naming_the_settings(tmp_path, small_model):
-    # 2,048 sequences of 16,384 tokens in one batch: one MLP activation alone would be about 100 GiB.
-    rows = [{"text": " ".join(WORDS * 800)}] * 2048
-    (tmp_path / "long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    result = run_entrypoint(tmp_path, {"BASE_MODEL": str(small_model), "DATASET_URI": str(tmp_path / "long.jsonl"),
-                                       "OUTPUT_URI": str(tmp_path / "out"), "PER_DEVICE_BATCH_SIZE": "2048",
-                                       "MAX_SEQ_LENGTH": "16384", "MAX_STEPS": "2", "RUN_ID": "oom"})  # fmt: skip
-    assert result.returncode == 70, result.stderr[-5000:]
-    errors = [json.loads(line) for line in result.stderr.splitlines() if line.startswith('{"') and '"error"' in line]
-    message = errors[-1]["message"]
-    assert all(name in message for name in ("PER_DEVICE_BATCH_SIZE", "GRAD_ACCUM_STEPS", "MAX_SEQ_LENGTH"))
-    assert json.loads((tmp_path / "out" / "oom" / "failure.json").read_text())["exit_code"] == 70
-
-
 def test_the_saved_adapter_answers_as_the_model_in_memory_and_only_lora_moves(tmp_path, small_model):
     """In this process, with unsloth (the GPU default): train, then compare."""
     from job import data, model, samples, train
@@ -118,3 +104,17 @@ def test_the_saved_adapter_answers_as_the_model_in_memory_and_only_lora_moves(tm
     in_memory = samples._generate(lm, tokenizer, [i["input"] for i in inputs], 16, "in memory")
     reloaded = samples.generate(lm, tokenizer, out / "adapter", inputs, 16, backend)
     assert [r["response"] for r in reloaded] == in_memory
+
+
+def test_out_of_memory_exits_70_naming_the_settings(tmp_path, small_model):
+    # 256 sequences of 16,384 tokens in one batch: one MLP activation alone is about 64 GiB.
+    rows = [{"text": " ".join(WORDS * 1700)}] * 256
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = run_entrypoint(tmp_path, {"BASE_MODEL": str(small_model), "DATASET_URI": str(tmp_path / "long.jsonl"),
+                                       "OUTPUT_URI": str(tmp_path / "out"), "PER_DEVICE_BATCH_SIZE": "256",
+                                       "MAX_SEQ_LENGTH": "16384", "MAX_STEPS": "2", "RUN_ID": "oom"})  # fmt: skip
+    assert result.returncode == 70, result.stderr[-5000:]
+    errors = [json.loads(line) for line in result.stderr.splitlines() if line.startswith('{"') and '"error"' in line]
+    message = errors[-1]["message"]
+    assert all(name in message for name in ("PER_DEVICE_BATCH_SIZE", "GRAD_ACCUM_STEPS", "MAX_SEQ_LENGTH"))
+    assert json.loads((tmp_path / "out" / "oom" / "failure.json").read_text())["exit_code"] == 70
