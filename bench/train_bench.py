@@ -90,9 +90,18 @@ def main() -> int:
             return 0
         log = [json.loads(line) for line in (Path(out) / "train_log.jsonl").read_text().splitlines()]
     steps = [r for r in log if "loss" in r]
-    spans = [(b["seconds"] - a["seconds"], b["tokens"] - a["tokens"]) for a, b in zip(steps, steps[1:])][WARMUP:]
+    # Per step, from consecutive log rows: (seconds per step, tokens per second). Rows can be more than one
+    # step apart, so seconds are divided by the steps between them.
+    spans = [
+        (
+            (b["seconds"] - a["seconds"]) / (b["step"] - a["step"]),
+            (b["tokens"] - a["tokens"]) / (b["seconds"] - a["seconds"]),
+        )
+        for a, b in zip(steps, steps[1:])
+        if a["step"] >= WARMUP
+    ]
     step_seconds = statistics.median(s for s, _ in spans)
-    tokens_per_second = statistics.median(t / s for s, t in spans)
+    tokens_per_second = statistics.median(t for _, t in spans)
     from transformers import AutoConfig
 
     peak = matmul_peak_tflops() if gpu else None
