@@ -209,14 +209,7 @@ def load_unsloth(settings, base: Base, tokenizer):
         raise hub_error(exc, "model") from None
     check_targets(model, settings.LORA_TARGET_MODULES)
     return FastLanguageModel.get_peft_model(
-        model,
-        r=settings.LORA_R,
-        lora_alpha=settings.LORA_ALPHA,
-        lora_dropout=settings.LORA_DROPOUT,
-        target_modules=settings.LORA_TARGET_MODULES,
-        bias="none",
-        use_gradient_checkpointing="unsloth",
-        random_state=settings.SEED,
+        model, **lora_arguments(settings), use_gradient_checkpointing="unsloth", random_state=settings.SEED
     )
 
 
@@ -247,15 +240,17 @@ def load_hf(settings, base: Base, tokenizer):
     if settings.LOAD_IN_4BIT:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     check_targets(model, settings.LORA_TARGET_MODULES)
-    lora = LoraConfig(
-        r=settings.LORA_R,
-        lora_alpha=settings.LORA_ALPHA,
-        lora_dropout=settings.LORA_DROPOUT,
-        target_modules=settings.LORA_TARGET_MODULES,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, lora)
+    return get_peft_model(model, LoraConfig(**lora_arguments(settings), task_type="CAUSAL_LM"))
+
+
+def lora_arguments(settings) -> dict:
+    return {
+        "r": settings.LORA_R,
+        "lora_alpha": settings.LORA_ALPHA,
+        "lora_dropout": settings.LORA_DROPOUT,
+        "target_modules": settings.LORA_TARGET_MODULES,
+        "bias": "none",
+    }
 
 
 def check_targets(model, targets: list[str]) -> None:
