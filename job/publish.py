@@ -84,6 +84,7 @@ def _version(name: str) -> str | None:
 def publish(storage: Storage, stage: Path, out_uri: str, summary: dict, image_version: str | None) -> bool:
     """Uploads every file, then manifest.json if none exists yet; False when another run got there first."""
     storage.put_tree(stage, out_uri)
+    storage.delete(join(out_uri, "failure.json"))  # left by an earlier attempt of this run that failed
     body = json.dumps(manifest(stage, summary, image_version), indent=2).encode() + b"\n"
     written = storage.put_bytes(body, join(out_uri, "manifest.json"), if_absent=True)
     if not written:

@@ -174,6 +174,15 @@ class Storage:
         with s3_errors(uri):
             self.client.upload_file(str(path), bucket, key, Callback=callback)
 
+    def delete(self, uri: str) -> None:
+        """Removes the object or file at uri; nothing there is fine."""
+        if not is_s3(uri):
+            Path(uri).unlink(missing_ok=True)
+            return
+        bucket, key = split_s3(uri)
+        with s3_errors(uri):
+            self.client.delete_object(Bucket=bucket, Key=key)
+
     def put_bytes(self, data: bytes, uri: str, if_absent: bool = False) -> bool:
         """Writes data to uri; with if_absent, only when nothing is there yet. False when something was."""
         if not is_s3(uri):

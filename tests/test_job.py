@@ -113,6 +113,18 @@ def test_rerun_of_a_complete_run_exits_at_once_and_writes_nothing(run_job, s3, b
     assert {o["Key"]: o["LastModified"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]} == before
 
 
+def test_a_run_that_failed_then_succeeds_keeps_no_failure_record(run_job, s3, bucket):
+    env = {"DRY_RUN": "true", "DATASET_URI": put(s3, bucket, "d.jsonl", '{"text": oops}\n'),
+           "OUTPUT_URI": f"s3://{bucket}/runs", "RUN_ID": "retried"}  # fmt: skip
+    assert run_job(env).returncode == 65
+    assert "runs/retried/failure.json" in read_objects(s3, bucket, "runs/")
+    put(s3, bucket, "d.jsonl", jsonl(DEMO_ROWS[:12]))  # the user fixes the data and the Job retries
+    result = run_job(env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    objects = read_objects(s3, bucket, "runs/")
+    assert "runs/retried/manifest.json" in objects and "runs/retried/failure.json" not in objects
+
+
 def test_real_cpu_training_from_an_s3_model_learns(run_job, s3, bucket, tiny_model_dir):
     """The hf backend trains for real (30 steps, LoRA on the tiny Llama fetched from s3://); loss falls."""
     for path in tiny_model_dir.iterdir():
