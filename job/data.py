@@ -222,11 +222,15 @@ def render(tokenizer, example: dict) -> tuple[str, list[tuple[int, int]]]:
     return text, spans
 
 
-def with_bos(tokenizer, text: str) -> str:
-    """text starting with BOS exactly when the tokenizer itself would add one and the template did not."""
-    bos = tokenizer.bos_token
-    adds_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
-    return bos + text if adds_bos and not text.startswith(bos) else text
+def bos_of(tokenizer) -> str:
+    """The BOS token when the tokenizer itself adds one (texts are tokenized without special tokens), else ''."""
+    adds_bos = tokenizer.bos_token is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
+    return tokenizer.bos_token if adds_bos else ""
+
+
+def with_bos(bos: str, text: str) -> str:
+    """text starting with bos, unless the template already put it there."""
+    return text if text.startswith(bos) else bos + text
 
 
 def tokenize(tokenizer, examples: list[dict], responses_only: bool):
@@ -235,11 +239,11 @@ def tokenize(tokenizer, examples: list[dict], responses_only: bool):
 
     if not tokenizer.is_fast:
         raise ConfigInvalid("BASE_MODEL: its tokenizer has no fast (Rust) version, which the loss mask needs")
-    texts, all_spans = [], []
+    texts, all_spans, bos = [], [], bos_of(tokenizer)
     for example in progress(iterable=examples, desc="render", unit="row"):
         text, spans = render(tokenizer, example)
-        shift = len(with_bos(tokenizer, text)) - len(text)
-        texts.append(with_bos(tokenizer, text))
+        shift = len(with_bos(bos, text)) - len(text)
+        texts.append(with_bos(bos, text))
         all_spans.append([(s + shift, e + shift) for s, e in spans] if responses_only else [(0, len(texts[-1]))])
 
     def encode(batch):
@@ -257,20 +261,20 @@ def tokenize(tokenizer, examples: list[dict], responses_only: bool):
 def sample_inputs(tokenizer, examples: list[dict]) -> list[dict]:
     """What the model is asked at sampling time: the rendered input, the prompt as a person reads it, and the
     reference answer (the last assistant turn, or the completion) when known."""
-    inputs = []
+    inputs, bos = [], bos_of(tokenizer)
     for example in examples:
         if "prompt" in example:
             prompt, reference = example["prompt"], example.get("completion")
             if not prompt:  # text rows: ask for the second half given the first
                 words = reference.split(" ")
                 prompt, reference = " ".join(words[: len(words) // 2]), " ".join(words[len(words) // 2 :])
-            inputs.append({"input": with_bos(tokenizer, prompt), "prompt": prompt, "reference": reference})
+            inputs.append({"input": with_bos(bos, prompt), "prompt": prompt, "reference": reference})
             continue
         messages = example["messages"]
         last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
         context = messages[:last]
         inputs.append({
-            "input": with_bos(tokenizer, _render(tokenizer, context, generation_prompt=True)),
+            "input": with_bos(bos, _render(tokenizer, context, generation_prompt=True)),
             "prompt": next((m["content"] for m in reversed(context) if m["role"] == "user"), ""),
             "reference": messages[last]["content"] if last < len(messages) else None,
         })  # fmt: skip

@@ -181,3 +181,23 @@ def test_sample_inputs_ask_for_the_last_answer(tokenizer):
     [sample] = data.sample_inputs(tokenizer, [data.to_example(ROWS["sharegpt"], "sharegpt")])
     assert sample["prompt"] == "Hi" and sample["reference"] == "Hello!"
     assert sample["input"].endswith("<|im_start|>assistant\n") and "Hello!" not in sample["input"]
+
+
+def test_bos_starts_every_sequence_once_when_the_tokenizer_adds_one():
+    """Like Llama's tokenizers: BOS added by the tokenizer, and sometimes by the chat template as well."""
+    from tokenizers import processors
+
+    tok = train_tokenizer([{"prompt": "", "completion": "hello there general kenobi " * 3}], vocab_size=300)
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)]
+    )
+    assert tok("a")["input_ids"][0] == tok.bos_token_id
+    tok.chat_template = data.TEMPLATES["chatml"]
+    raw = data.tokenize(tok, [{"prompt": "hello", "completion": " there"}], responses_only=True)
+    tok.chat_template = "{{ bos_token }}" + data.TEMPLATES["chatml"]
+    chat = data.tokenize(tok, [data.to_example(ROWS["messages"], "messages")], responses_only=True)
+    for dataset in (raw, chat):
+        ids = dataset[0]["input_ids"]
+        assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+    [sample] = data.sample_inputs(tok, [data.to_example(ROWS["messages"], "messages")])
+    assert sample["input"].startswith("<s>") and sample["input"].count("<s>") == 1
