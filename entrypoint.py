@@ -70,8 +70,10 @@ def run(settings: Settings, storage: Storage, out: str) -> int:
 
     with logs.stage("train", timings):
         metrics = train.train(settings, lm, tokenizer, train_ds, eval_ds, stage, scratch / "checkpoints", backend)
+    # Leave the process group together: rank 0 samples and publishes alone, and a rank that left early
+    # would abort the others' gloo or NCCL threads.
+    distributed.teardown(settings)
     if not main:
-        distributed.teardown(settings)
         return 0
 
     with logs.stage("samples", timings):
@@ -100,7 +102,6 @@ def run(settings: Settings, storage: Storage, out: str) -> int:
         publish.write_outputs(stage, summary, rows, settings.public())
         publish.publish(storage, stage, out, summary, settings.IMAGE_VERSION)
     log.info("done: %s/report.md", out, extra={"fields": {"metrics": metrics}})
-    distributed.teardown(settings)
     return 0
 
 

@@ -85,8 +85,8 @@ def main() -> int:
     lm = model.load(settings, base, tokenizer, backend)
     with tempfile.TemporaryDirectory() as out:
         metrics = train.train(settings, lm, tokenizer, dataset, None, Path(out), Path(out) / "ckpt", backend)
+        distributed.teardown(settings)
         if settings.RANK != 0:  # rank 0 alone writes the step log
-            distributed.teardown(settings)
             return 0
         log = [json.loads(line) for line in (Path(out) / "train_log.jsonl").read_text().splitlines()]
     steps = [r for r in log if "loss" in r]
@@ -117,7 +117,6 @@ def main() -> int:
         "torch": torch.__version__, "final_loss": metrics["final_loss"],
     }  # fmt: skip
     print("BENCH " + json.dumps(result), flush=True)
-    distributed.teardown(settings)
     return 0
 
 

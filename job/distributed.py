@@ -48,8 +48,10 @@ def barrier(settings) -> None:
 
 
 def teardown(settings) -> None:
+    """Every rank leaves the process group at the same point (a barrier first)."""
     if settings.WORLD_SIZE > 1:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
