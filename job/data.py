@@ -242,8 +242,8 @@ def tokenize(tokenizer, examples: list[dict], responses_only: bool):
     texts, all_spans, bos = [], [], bos_of(tokenizer)
     for example in progress(iterable=examples, desc="render", unit="row"):
         text, spans = render(tokenizer, example)
-        shift = len(with_bos(bos, text)) - len(text)
         texts.append(with_bos(bos, text))
+        shift = len(texts[-1]) - len(text)
         all_spans.append([(s + shift, e + shift) for s, e in spans] if responses_only else [(0, len(texts[-1]))])
 
     def encode(batch):
