@@ -115,6 +115,7 @@ def main() -> int:
         "matmul_peak_tflops": round(peak, 1) if peak else None,
         "gpu": torch.cuda.get_device_name() if peak else "cpu",
         "torch": torch.__version__, "final_loss": metrics["final_loss"],
+        "logged": [(r["step"], r["tokens"], round(r["loss"], 3), r["seconds"]) for r in steps],
     }  # fmt: skip
     print("BENCH " + json.dumps(result), flush=True)
     return 0
