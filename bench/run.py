@@ -38,16 +38,13 @@ def main() -> int:
     gpus = args.gpus or torch.cuda.device_count()
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}"]
     for shape in args.shapes.split(","):
+        bench = [str(HERE / "train_bench.py"), "--shape", shape, "--steps", str(args.steps), "--backend"]
         for backend in ("unsloth", "hf"):
-            command = [sys.executable, str(HERE / "train_bench.py"), "--shape", shape, "--backend", backend,
-                       "--steps", str(args.steps)]  # fmt: skip
-            results.append(run(command, args.out / f"{shape}-{backend}.log"))
+            results.append(run([sys.executable, *bench, backend], args.out / f"{shape}-{backend}.log"))
         if gpus > 1:
-            torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}"]
-            command = [*torchrun, str(HERE / "train_bench.py"), "--shape", shape, "--backend", "unsloth",
-                       "--steps", str(args.steps)]  # fmt: skip
-            results.append(run(command, args.out / f"{shape}-unsloth-{gpus}gpu.log"))
+            results.append(run([*torchrun, *bench, "unsloth"], args.out / f"{shape}-unsloth-{gpus}gpu.log"))
     results = [r for r in results if r]
     (args.out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
     print(table(results))

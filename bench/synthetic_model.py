@@ -18,11 +18,11 @@ SHAPES = {
     "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128, "num_attention_heads": 4,
              "num_key_value_heads": 2, "tie_word_embeddings": False},
 }  # fmt: skip
-ROOT = Path(__file__).resolve().parents[1]
+DEMO_DATA = Path(__file__).resolve().parents[1] / "demo" / "instructions.jsonl"
 VOCAB = 128256  # Llama 3's vocabulary size: the embedding and LM head keep their real cost
 
 
-def build(shape: str, out: Path, data: Path) -> None:
+def build(shape: str, out: Path, data: Path = DEMO_DATA) -> None:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -49,6 +49,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=SHAPES, required=True)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--data", type=Path, default=ROOT / "demo" / "instructions.jsonl")
+    parser.add_argument("--data", type=Path, default=DEMO_DATA)
     args = parser.parse_args()
     build(args.shape, args.out, args.data)

@@ -24,7 +24,7 @@ from pathlib import Path  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.synthetic_model import build  # noqa: E402
+from bench.synthetic_model import DEMO_DATA, build  # noqa: E402
 from job import data, distributed, model, train  # noqa: E402
 from job.settings import Settings  # noqa: E402
 
@@ -48,7 +48,7 @@ def matmul_peak_tflops() -> float:
 
 
 def synthetic_rows(count: int, words: int, seed: int = 0) -> list[dict]:
-    vocabulary = " ".join(Path(ROOT / "demo" / "instructions.jsonl").read_text().split()).split(" ")
+    vocabulary = DEMO_DATA.read_text().split()
     rng = random.Random(seed)
     return [{"prompt": "", "completion": " ".join(rng.choices(vocabulary, k=words))} for _ in range(count)]
 
@@ -66,15 +66,16 @@ def main() -> int:
     import torch
 
     gpu = torch.cuda.is_available()  # without one (a smoke test of this script), 32-bit LoRA on the CPU
+    path = args.models / args.shape
     settings = Settings(
-        BASE_MODEL=str(args.models / args.shape), DATASET_URI="synthetic", OUTPUT_URI="unused",
+        BASE_MODEL=str(path), DATASET_URI="synthetic", OUTPUT_URI="unused",
         TRAIN_BACKEND=args.backend, MAX_SEQ_LENGTH=args.seq, PER_DEVICE_BATCH_SIZE=args.batch, GRAD_ACCUM_STEPS=1,
         MAX_STEPS=args.steps, WARMUP_STEPS=1, CHECKPOINT_EVERY_STEPS=0, LOG_FORMAT="json", LOAD_IN_4BIT=gpu,
         OPTIMIZER="adamw_8bit" if gpu else "adamw_torch",
     )  # fmt: skip
     distributed.setup(settings)
-    if settings.LOCAL_RANK == 0 and not (args.models / args.shape).is_dir():
-        build(args.shape, args.models / args.shape, ROOT / "demo" / "instructions.jsonl")
+    if settings.LOCAL_RANK == 0 and not path.is_dir():
+        build(args.shape, path)
     distributed.barrier(settings)
     backend = model.resolve_backend(settings)
     base = model.Base(settings.BASE_MODEL)

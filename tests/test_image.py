@@ -17,6 +17,7 @@ from tests.conftest import CREDENTIALS, DEMO_DATA, ROOT, put, read_objects
 
 IMAGE = os.environ.get("FINETUNE_IMAGE")
 ENGINE = os.environ.get("CONTAINER_ENGINE", "podman")
+ENGINE = shutil.which(ENGINE) or ENGINE
 pytestmark = [
     pytest.mark.image,
     pytest.mark.skipif(not IMAGE, reason="set FINETUNE_IMAGE to an image built by `make image-cpu`"),
@@ -27,7 +28,7 @@ def container(*args: str, env: dict) -> subprocess.CompletedProcess:
     runtime = ["--runtime", "runc"] if os.path.basename(ENGINE) == "podman" else []
     flags = [f"--env={k}={v}" for k, v in env.items()]
     return subprocess.run(
-        [shutil.which(ENGINE) or ENGINE, "run", "--rm", *runtime, "--network", "host", *args, *flags, IMAGE],
+        [ENGINE, "run", "--rm", *runtime, "--network", "host", *args, *flags, IMAGE],
         capture_output=True,
         text=True,
         timeout=900,
@@ -63,7 +64,7 @@ def test_the_image_runs_as_10001_and_reports_configuration_errors(s3_endpoint):
     assert result.returncode == 78
     assert "DATASET_URI is required" in result.stderr and "LORA_R" in result.stderr
     whoami = subprocess.run(
-        [shutil.which(ENGINE) or ENGINE, "image", "inspect", "--format", "{{.Config.User}}", IMAGE],
+        [ENGINE, "image", "inspect", "--format", "{{.Config.User}}", IMAGE],
         capture_output=True,
         text=True,
     )
@@ -98,7 +99,7 @@ def test_the_base_job_pod_template_runs_as_written_in_podman(s3, s3_endpoint, bu
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": labels}, "spec": spec}
     (tmp_path / "pod.yaml").write_text(yaml.safe_dump(pod))
     (tmp_path / "configmap.yaml").write_text(yaml.safe_dump(config))
-    podman = shutil.which(ENGINE) or ENGINE
+    podman = ENGINE
     play = [podman, "kube", "play", "--runtime", "runc", "--configmap", str(tmp_path / "configmap.yaml")]
     started = subprocess.run([*play, str(tmp_path / "pod.yaml")], capture_output=True, text=True)
     try:

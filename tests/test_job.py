@@ -345,5 +345,5 @@ def test_torchrun_with_two_cpu_processes_publishes_once(run_job, s3, bucket):
     lines = log_lines(result)
     assert [line["stage"] for line in lines if line["message"] == "publish: started"] == ["publish, rank 0"]
     assert {line["message"] for line in lines if "rank 1" in line["stage"]} <= {"rank 1 of 2 (local rank 1)"}
-    steps = [json.loads(line) for line in files["train_log.jsonl"].decode().splitlines() if "loss" in line]
-    assert [s["step"] for s in steps if "loss" in s] == [1, 2, 3]
+    rows = [json.loads(line) for line in files["train_log.jsonl"].decode().splitlines()]
+    assert [row["step"] for row in rows if "loss" in row] == [1, 2, 3]

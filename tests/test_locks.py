@@ -12,7 +12,7 @@ from tests.conftest import ROOT
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 
 
-def pins(name: str) -> dict[str, str]:
+def pins(name: str) -> dict[str, set[str]]:
     """{package: version} of a lock file; a package pinned twice (per platform) keeps every version."""
     found: dict[str, set[str]] = {}
     for line in (ROOT / "requirements" / name).read_text().splitlines():
@@ -20,7 +20,7 @@ def pins(name: str) -> dict[str, str]:
         if match:
             package = re.sub(r"\[.*\]", "", match[1]).lower().replace("_", "-")
             found.setdefault(package, set()).add(match[2])
-    return {package: versions for package, versions in found.items()}
+    return found
 
 
 LOCKS = {
