@@ -1,24 +1,42 @@
-"""Runs one fine-tuning job, configured by environment variables (see env.example and shared/DESIGN.md).
+"""Runs one fine-tuning job, configured by environment variables (every one is in env.example).
 
     DATASET_URI=s3://bucket/data.jsonl OUTPUT_URI=s3://bucket/runs python entrypoint.py
     DRY_RUN=true DATASET_URI=./data OUTPUT_URI=./out python entrypoint.py     # CPU, tiny model, seconds
 
-Exit codes: 0 done, 1 unexpected, 65 dataset invalid, 66 input not found, 70 GPU out of memory,
-75 storage unreachable (retry), 77 permission denied, 78 configuration invalid.
+Exit codes: 0 done (or already complete), 1 unexpected, 65 dataset invalid, 66 input not found, 70 GPU out of
+memory, 75 temporary (storage unreachable, or another attempt holds the run), 77 permission denied,
+78 configuration invalid, 143 stopped by SIGTERM after committing a checkpoint.
 """
 
 import json
 import logging
 import shutil
 import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
-from job import data, distributed, logs, model, publish, samples, train
-from job.errors import ConfigInvalid, GpuOutOfMemory, JobError
+from job import checkpoints, data, distributed, launch, logs, model, preemption, publish, runs, samples, train
+from job.context import ADAPTER, CHECKPOINTS, CONFIG, FAILURE, MANIFEST, Device, Run
+from job.errors import ConfigInvalid, GpuOutOfMemory, JobError, Preempted, redact
 from job.settings import Settings, read_settings
 from job.storage import Storage, join
 
 log = logging.getLogger("job")
+
+# What failure.json's "class" says for each exit code.
+CLASSES = {1: "unexpected", 65: "dataset_invalid", 66: "input_not_found", 70: "out_of_memory", 75: "temporary",
+           77: "access_denied", 78: "config_invalid", 143: "preempted"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What rank 0 read: the dataset's rows and format, the sample prompts, and the dataset files' hashes."""
+
+    examples: list[dict]
+    format: str
+    sample_prompts: list[dict]
+    files: list[dict]
 
 
 def main() -> int:
@@ -28,95 +46,166 @@ def main() -> int:
         logs.setup("auto")
         return fail(exc, None, None)
     logs.setup(settings.LOG_FORMAT, settings.RANK if settings.WORLD_SIZE > 1 else None)
+    if launch.wanted(settings):
+        return launch.torchrun(settings)
+    preemption.install()
     storage = Storage(settings)
-    out = join(settings.OUTPUT_URI, settings.run_id())
+    device = Device.detect(settings)
+    out = join(settings.OUTPUT_URI, settings.RUN_ID) if settings.RUN_ID else None  # else known once hashed
+    lease = None
     try:
-        return run(settings, storage, out)
+        distributed.setup(device)
+        # The run's identity hashes the dataset's listing (keys, ETags, sizes), not its download.
+        dataset = distributed.share(device, lambda: storage.identify(settings.DATASET_URI))
+        run_id = settings.run_id(dataset)
+        out = join(settings.OUTPUT_URI, run_id)
+        run = Run.build(settings, run_id, device, model.resolve_backend(settings, device))
+        config = settings.public() | {"RUN_ID": run.id, runs.DATASET_FILES: dataset}
+        if distributed.share(device, lambda: already_complete(storage, run, config)):
+            log.info("%s is already complete (manifest.json exists): nothing to do", run.out)
+            return 0
+        if device.rank_zero:
+            # Taking the lease is the first write: a missing bucket or a denied write fails here, before any
+            # download, and a second attempt of the run waits or exits 75.
+            lease = runs.Lease(storage, run, settings.LEASE_SECONDS)
+            lease.acquire()
+        return attempt(settings, storage, run, config, lease)
     except Exception as exc:  # every failure leaves failure.json (rank 0's) and a termination message
-        return fail(as_job_error(exc, settings), storage if settings.RANK == 0 else None, out)
+        busy = isinstance(exc, runs.RunBusy)  # the run is another attempt's: its folder is not ours to write
+        return fail(as_job_error(exc, settings), storage if device.rank_zero and not busy else None, out)
+    finally:
+        if lease is not None:
+            lease.release()
 
 
-def run(settings: Settings, storage: Storage, out: str) -> int:
-    distributed.setup(settings)
-    main = settings.RANK == 0  # under torchrun, rank 0 alone reads the dataset and writes outputs
-    if distributed.share(settings, lambda: storage.exists(join(out, "manifest.json"))):
-        log.info("%s is already complete (manifest.json exists): nothing to do", out)
-        return 0
-    backend = model.resolve_backend(settings)
-    scratch = Path(settings.SCRATCH_DIR) / settings.run_id()
-    stage = scratch / "output"
-    if main:
-        make_stage_dir(settings, stage)
-    log.info("run %s -> %s (backend %s%s)", settings.run_id(), out, backend, ", dry run" if settings.DRY_RUN else "")
+def already_complete(storage: Storage, run: Run, config: dict) -> bool:
+    runs.check_same_run(storage, run, config)
+    return storage.exists(run.uri(MANIFEST))
+
+
+def attempt(settings: Settings, storage: Storage, run: Run, config: dict, lease) -> int:
+    device = run.device
+    if device.rank_zero:
+        make_stage_dir(settings, run.stage)
+    log.info("run %s -> %s (backend %s%s)", run.id, run.out, run.backend, ", dry run" if run.dry_run else "")
     timings: dict[str, float] = {}
 
+    with logs.stage("resume", timings):
+        step, resume = distributed.share(device, lambda: start_attempt(storage, run, config, lease))
+        if resume is not None and device.local_zero and not device.rank_zero:  # another node's scratch
+            checkpoints.restore(storage, run, step)
+        distributed.barrier(device)
+
     with logs.stage("inputs", timings):
-        inputs = distributed.share(settings, lambda: read_inputs(settings, storage, scratch))
-        base = model.fetch_base(settings, storage, scratch / "base_model")
+        inputs = distributed.share(device, lambda: read_inputs(settings, storage, run.scratch))
+        base = model.fetch_base(settings, storage, device, run.scratch / "base_model")
 
     with logs.stage("data", timings):
-        examples, fmt = inputs["examples"], inputs["format"]
-        tokenizer = model.load_tokenizer(settings, base, examples)
-        template = data.choose_template(tokenizer, settings.CHAT_TEMPLATE, fmt)
+        tokenizer = model.load_tokenizer(settings, base, inputs.examples)
+        template = data.choose_template(tokenizer, settings.CHAT_TEMPLATE, inputs.format)
         tokenizer.chat_template = template or tokenizer.chat_template
-        train_rows, held_out = data.split(examples, settings.EVAL_FRACTION, settings.SEED)
+        train_rows, held_out = data.split(inputs.examples, settings.EVAL_FRACTION, settings.SEED)
         train_ds = data.tokenize(tokenizer, train_rows, settings.TRAIN_ON_RESPONSES_ONLY)
+        lengths = data.check_lengths(train_ds, settings.MAX_SEQ_LENGTH)
         eval_ds = data.tokenize(tokenizer, held_out, settings.TRAIN_ON_RESPONSES_ONLY) if held_out else None
-        prompt_rows = inputs["sample_prompts"] or (held_out or train_rows)[: settings.NUM_SAMPLE_PROMPTS]
+        prompt_rows = inputs.sample_prompts or (held_out or train_rows)[: settings.NUM_SAMPLE_PROMPTS]
         sample_inputs = data.sample_inputs(tokenizer, prompt_rows)
 
     with logs.stage("model", timings):
-        lm = model.load(settings, base, tokenizer, backend)
+        lm = model.load(settings, device, base, tokenizer, run.backend)
 
+    uploader = checkpoints.Uploader(storage, run, settings.CHECKPOINT_KEEP) if device.rank_zero else None
     with logs.stage("train", timings):
-        metrics = train.train(settings, lm, tokenizer, train_ds, eval_ds, stage, scratch / "checkpoints", backend)
+        metrics = train.train(settings, run, lm, tokenizer, train_ds, eval_ds, resume, uploader, lease)
     # Leave the process group together: rank 0 samples and publishes alone, and a rank that left early
     # would abort the others' gloo or NCCL threads.
-    distributed.teardown(settings)
-    if not main:
+    distributed.teardown(device)
+    if metrics.stopped_early or preemption.requested():
+        return stop_early(run, uploader, lease)
+    if not device.rank_zero:
         return 0
 
     with logs.stage("samples", timings):
-        rows = samples.generate(lm, tokenizer, stage / "adapter", sample_inputs, settings.MAX_NEW_TOKENS, backend)
+        rows = samples.generate(lm, tokenizer, run.stage / ADAPTER, sample_inputs, settings.MAX_NEW_TOKENS, run.backend)
 
     with logs.stage("publish", timings):
-        summary = {
-            "run_id": settings.run_id(),
-            "dry_run": settings.DRY_RUN,
-            "backend": backend,
-            "world_size": settings.WORLD_SIZE,
-            "base_model": {"name": settings.BASE_MODEL, "loaded": base.describe()},
-            "chat_template": settings.CHAT_TEMPLATE if template is None else data.template_name(template),
-            "dataset": {
+        uploader.drain()  # the last checkpoints, so that the manifest can say what became of them
+        lease.check()
+        summary = publish.Summary(
+            run_id=run.id,
+            dry_run=run.dry_run,
+            backend=run.backend,
+            world_size=device.world_size,
+            base_model={"name": settings.BASE_MODEL, "loaded": base.describe()},
+            chat_template=settings.CHAT_TEMPLATE if template is None else data.template_name(template),
+            dataset={
                 "uri": settings.DATASET_URI,
-                "format": fmt,
-                "rows": len(examples),
+                "format": inputs.format,
+                "rows": len(inputs.examples),
                 "train_rows": len(train_rows),
                 "eval_rows": len(held_out),
-                "files": inputs["files"],
+                "truncated_rows": lengths["truncated"],
+                "rows_without_trained_tokens": lengths["no_trained_tokens"],
+                "files": inputs.files,
             },
-            "samples_seen_in_training": not inputs["sample_prompts"] and not held_out,
-            "metrics": metrics,
-            "timings": timings,
-        }
-        publish.write_outputs(stage, summary, rows, settings.public())
-        publish.publish(storage, stage, out, summary, settings.IMAGE_VERSION)
-    log.info("done: %s/report.md", out, extra={"fields": {"metrics": metrics}})
+            samples_seen_in_training=not inputs.sample_prompts and not held_out,
+            metrics=metrics,
+            timings=timings,
+            attempts=publish.attempts(storage, run),
+            checkpoints=checkpoints.committed_steps(storage, run),
+        )
+        publish.write_outputs(run.stage, summary, rows, config)
+        publish.publish(storage, run, summary, settings.IMAGE_VERSION)
+    # The adapter is the result; a checkpoint's optimizer state only serves a resume, and storage costs money.
+    for step in summary.checkpoints:
+        uploader.delete(step)
+    log.info("done: %s", run.uri("report.md"), extra={"fields": {"metrics": metrics.__dict__}})
     return 0
 
 
-def read_inputs(settings: Settings, storage: Storage, scratch: Path) -> dict:
+def start_attempt(storage: Storage, run: Run, config: dict, lease) -> tuple[int | None, Path | None]:
+    """Records the configuration and this attempt in the run's folder and fetches the newest committed
+    checkpoint (rank 0's part of the resume stage); returns its step and local folder, or (None, None)."""
+    storage.put_bytes(json.dumps(config, indent=2).encode() + b"\n", run.uri(CONFIG))
+    step, folder = checkpoints.newest(storage, run)
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+    runs.record_attempt(storage, run, lease.attempt | {"started_at": started, "resumed_from_step": step})
+    if step is None:
+        log.info("no committed checkpoint in %s: training from step 1", run.uri(CHECKPOINTS))
+    else:
+        log.info("resuming from step %d (%s)", step, run.uri(CHECKPOINTS, f"step-{step}"),
+                 extra={"fields": {"resumed_from_step": step}})  # fmt: skip
+    return step, folder
+
+
+def stop_early(run: Run, uploader, lease) -> int:
+    """After SIGTERM (or a lost lease): wait for the checkpoint of the step reached to be committed, then stop."""
+    if uploader is None:  # ranks other than 0 leave the commit and the report to rank 0
+        raise Preempted("stopped by SIGTERM")
+    with preemption.deferred():
+        uploader.drain()
+    lease.check()
+    step = max(uploader.committed, default=None)
+    where = f"{run.uri(CHECKPOINTS, f'step-{step}')}" if step else "nowhere (checkpoints are off)"
+    raise Preempted(
+        f"stopped by SIGTERM; the checkpoint of step {step} is committed to {where} "
+        f"({preemption.seconds_since_request():.1f} s after the signal): the next attempt resumes from it",
+        step=step,
+    )
+
+
+def read_inputs(settings: Settings, storage: Storage, scratch: Path) -> Inputs:
     """The dataset's rows and format, the sample prompts, and the dataset files' identity (rank 0's reads)."""
     data_files = storage.fetch(settings.DATASET_URI, scratch / "dataset")
     prompts = settings.SAMPLE_PROMPTS_URI
     prompt_files = storage.fetch(prompts, scratch / "prompts") if prompts else []
     examples, fmt = data.load_examples(data_files, settings.DATASET_FORMAT)
-    return {
-        "examples": examples,
-        "format": fmt,
-        "sample_prompts": [row for source, path in prompt_files for row in data.read_sample_prompts(source, path, fmt)],
-        "files": [publish.describe_file(path, source) for source, path in data_files],
-    }
+    return Inputs(
+        examples=examples,
+        format=fmt,
+        sample_prompts=[row for source, path in prompt_files for row in data.read_sample_prompts(source, path, fmt)],
+        files=[publish.describe_file(path, source) for source, path in data_files],
+    )
 
 
 def make_stage_dir(settings: Settings, stage: Path) -> None:
@@ -147,17 +236,21 @@ def fail(exc: Exception, storage: Storage | None, out: str | None) -> int:
     """Reports a failure everywhere it is looked for; returns the exit code."""
     code = exc.exit_code if isinstance(exc, JobError) else 1
     kind = type(exc).__name__
-    message = str(exc) if isinstance(exc, JobError) else f"{kind}: {exc}"
+    message = redact(str(exc) if isinstance(exc, JobError) else f"{kind}: {exc}")
     log.error("%s", message, extra={"fields": {"exit_code": code, "error": kind}})
-    record = {"exit_code": code, "error": kind, "stage": logs.current_stage(), "message": message}
+    record = {"exit_code": code, "class": CLASSES.get(code, "unexpected"), "error": kind,
+              "stage": logs.current_stage(), "message": message}  # fmt: skip
+    if getattr(exc, "step", None) is not None:
+        record["step"] = exc.step
     termination_log = Path("/dev/termination-log")  # Kubernetes mounts this file; elsewhere it is absent
     if termination_log.is_file():
         termination_log.write_text(f"exit {code} {kind}: {message}"[:4000] + "\n")
-    if storage is not None and out is not None and code != 75:
+    if storage is not None and out is not None:
         try:
-            storage.put_bytes(json.dumps(record, indent=2).encode() + b"\n", join(out, "failure.json"))
+            with preemption.deferred():  # a second SIGTERM must not cut the record short
+                storage.put_bytes(json.dumps(record, indent=2).encode() + b"\n", join(out, FAILURE))
         except Exception as write_error:  # the output itself may be what failed
-            log.warning("could not write failure.json: %s", str(write_error).splitlines()[0][:200])
+            log.warning("could not write failure.json: %s", redact(str(write_error).splitlines()[0][:200]))
     return code
 
 

@@ -50,10 +50,11 @@ def read_rows(source: str, path: Path) -> list[tuple[int, dict]]:
         elif name.endswith(".csv"):
             import pandas as pd
 
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
             rows = [(i + 2, row) for i, row in enumerate(frame.to_dict("records"))]  # line 1 is the header
         else:
-            with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+            # utf-8-sig: a byte-order mark (Excel, Windows editors) is dropped, not read as part of the first row
+            with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rt", encoding="utf-8-sig") as f:
                 text = f.read()
             rows = _parse_json(source, text, name.endswith(".json"))
     except DatasetInvalid:
@@ -256,6 +257,24 @@ def tokenize(tokenizer, examples: list[dict], responses_only: bool):
 
     dataset = Dataset.from_dict({"text": texts, "spans": all_spans})
     return dataset.map(encode, batched=True, remove_columns=["text", "spans"], desc="tokenize")
+
+
+def check_lengths(dataset, max_seq_length: int) -> dict:
+    """How many of tokenize's rows are longer than max_seq_length, and how many keep no trained token once
+    cut to it (TRL keeps the start); DatasetInvalid when none keeps one, since training would learn nothing."""
+    # The tokens before a row's first trained one: its prompt, all of the row when nothing in it is trained.
+    prompts = [mask.index(1) if 1 in mask else len(mask) for mask in dataset["assistant_masks"]]
+    truncated = sum(len(ids) > max_seq_length for ids in dataset["input_ids"])
+    no_trained = sum(prompt >= max_seq_length for prompt in prompts)
+    if prompts and no_trained == len(prompts):
+        raise DatasetInvalid(
+            f"all {len(prompts)} rows lose their whole response at MAX_SEQ_LENGTH={max_seq_length} (the shortest "
+            f"prompt is {min(prompts)} tokens): raise MAX_SEQ_LENGTH or shorten the prompts"
+        )
+    if no_trained:
+        log.warning("%d of %d rows lose their whole response at MAX_SEQ_LENGTH=%d and teach nothing",
+                    no_trained, len(prompts), max_seq_length)  # fmt: skip
+    return {"rows": len(prompts), "truncated": truncated, "no_trained_tokens": no_trained}
 
 
 def sample_inputs(tokenizer, examples: list[dict]) -> list[dict]:

@@ -3,32 +3,33 @@ shares what it read (or the error it met) with the other ranks, so that they all
 
 import logging
 
+from job.context import Device
+
 log = logging.getLogger(__name__)
 
 
-def setup(settings) -> None:
+def setup(device: Device) -> None:
     """Joins the process group that torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR); one GPU per rank."""
-    if settings.WORLD_SIZE == 1:
+    if device.world_size == 1:
         return
     import torch
     import torch.distributed as dist
 
-    cuda = torch.cuda.is_available() and not settings.DRY_RUN
-    if cuda:
-        torch.cuda.set_device(settings.LOCAL_RANK)
+    if device.cuda:
+        torch.cuda.set_device(device.local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-    log.info("rank %d of %d (local rank %d)", settings.RANK, settings.WORLD_SIZE, settings.LOCAL_RANK)
+        dist.init_process_group(backend="nccl" if device.cuda else "gloo")
+    log.info("rank %d of %d (local rank %d)", device.rank, device.world_size, device.local_rank)
 
 
-def share(settings, produce):
+def share(device: Device, produce):
     """produce() run on rank 0, its result (or the exception it raised) handed to every rank."""
-    if settings.WORLD_SIZE == 1:
+    if device.world_size == 1:
         return produce()
     import torch.distributed as dist
 
     box = [None]
-    if settings.RANK == 0:
+    if device.rank_zero:
         try:
             box[0] = (produce(), None)
         except Exception as exc:  # re-raised on every rank below
@@ -40,16 +41,28 @@ def share(settings, produce):
     return result
 
 
-def barrier(settings) -> None:
-    if settings.WORLD_SIZE > 1:
+def any_rank(device: Device, flag: bool) -> bool:
+    """True on every rank when flag is true on any: ranks must stop at the same step, or DDP hangs."""
+    if device.world_size == 1:
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    value = torch.tensor([int(flag)], device=f"cuda:{device.local_rank}" if device.cuda else "cpu")
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def barrier(device: Device) -> None:
+    if device.world_size > 1:
         import torch.distributed as dist
 
         dist.barrier()
 
 
-def teardown(settings) -> None:
+def teardown(device: Device) -> None:
     """Every rank leaves the process group at the same point (a barrier first)."""
-    if settings.WORLD_SIZE > 1:
+    if device.world_size > 1:
         import torch.distributed as dist
 
         if dist.is_initialized():

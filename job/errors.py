@@ -4,6 +4,18 @@ A JobError is a user error: its message is one line that names the variable or f
 and the job prints it without a traceback. Anything else is unexpected and exits 1 with one.
 """
 
+import re
+
+# scheme://user:password@host and ?query (presigned URLs' X-Amz-Signature, tokens). Neither match runs over a
+# quote or a backslash, so that redacting a rendered JSON line leaves it valid JSON.
+_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^\s/?#\"\\]*@")
+_QUERY = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s?#\"'<>\\]*)\?[^\s#\"'<>\\]*")
+
+
+def redact(text: str) -> str:
+    """text with the userinfo and the query string of every URL replaced by ***."""
+    return _QUERY.sub(r"\1?***", _USERINFO.sub(r"\1***@", text))
+
 
 class JobError(Exception):
     exit_code = 1
@@ -31,3 +43,13 @@ class AccessDenied(JobError):
 
 class ConfigInvalid(JobError):
     exit_code = 78
+
+
+class Preempted(JobError):
+    """SIGTERM: the run stopped at a step boundary after committing a checkpoint (step), or outside training."""
+
+    exit_code = 143
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step

@@ -9,6 +9,8 @@ from contextlib import contextmanager
 
 from tqdm.auto import tqdm
 
+from job.errors import redact
+
 _state = {"stage": "start", "json": True}
 
 
@@ -25,7 +27,12 @@ class _JsonFormatter(logging.Formatter):
         line |= getattr(record, "fields", {})
         if record.exc_info:
             line["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str)
+        return redact(json.dumps(line, default=str))
+
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record):
+        return redact(super().format(record))
 
 
 def setup(log_format: str, rank: int | None = None) -> None:
@@ -39,7 +46,7 @@ def setup(log_format: str, rank: int | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_StageFilter())
     fmt = "%(asctime)s %(levelname)s [%(stage)s] %(message)s"
-    handler.setFormatter(_JsonFormatter() if use_json else logging.Formatter(fmt, "%H:%M:%S"))
+    handler.setFormatter(_JsonFormatter() if use_json else _TextFormatter(fmt, "%H:%M:%S"))
     _state["rank"] = rank
     logging.basicConfig(level=logging.INFO if not rank else logging.WARNING, handlers=[handler], force=True)
     # Libraries log through their own loggers; keep their chatter to warnings.

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from job import distributed
+from job.context import Device
 from job.errors import AccessDenied, ConfigInvalid, InputNotFound
 from job.storage import Storage, is_s3
 
@@ -36,11 +37,9 @@ class Base:
         return f"tiny random {family} (dry run)" if self.tiny_config else str(self.source)
 
 
-def resolve_backend(settings) -> str:
+def resolve_backend(settings, device: Device) -> str:
     """The backend this machine runs the settings with; ConfigInvalid names every setting it cannot."""
-    import torch
-
-    cuda = torch.cuda.is_available() and not settings.DRY_RUN
+    cuda = device.cuda
     backend = settings.TRAIN_BACKEND if settings.TRAIN_BACKEND != "auto" else ("unsloth" if cuda else "hf")
     if not cuda:
         problems = [
@@ -58,12 +57,12 @@ def resolve_backend(settings) -> str:
     return backend
 
 
-def fetch_base(settings, storage: Storage, dest: Path) -> Base:
+def fetch_base(settings, storage: Storage, device: Device, dest: Path) -> Base:
     """Brings BASE_MODEL where it can be loaded; a dry run picks BASE_MODEL itself or a tiny model."""
     uri = settings.BASE_MODEL
     if is_s3(uri):
         # A dry run first takes everything but the weights, then the weights only for a small model.
-        download(settings, storage, uri, dest, lambda key: not (settings.DRY_RUN and key.endswith(WEIGHT_SUFFIXES)))
+        download(device, storage, uri, dest, lambda key: not (settings.DRY_RUN and key.endswith(WEIGHT_SUFFIXES)))
         source = str(dest)
     elif Path(uri).is_dir():
         source = uri
@@ -81,18 +80,18 @@ def fetch_base(settings, storage: Storage, dest: Path) -> Base:
         return Base(source if Path(source).is_dir() else None, LlamaConfig())
     if Path(source).is_dir() and parameter_count(config) <= DRY_RUN_MAX_PARAMS:
         if is_s3(uri):
-            download(settings, storage, uri, dest, lambda key: key.endswith(WEIGHT_SUFFIXES))
+            download(device, storage, uri, dest, lambda key: key.endswith(WEIGHT_SUFFIXES))
         log.info("dry run: BASE_MODEL is small enough to train on CPU as it is")
         return Base(source)
     log.info("dry run: a tiny random %s stands in for BASE_MODEL", type(config).__name__)
     return Base(source, config)
 
 
-def download(settings, storage: Storage, uri: str, dest: Path, keep) -> None:
+def download(device: Device, storage: Storage, uri: str, dest: Path, keep) -> None:
     """The model's files into dest, once per node: local rank 0 downloads while the other ranks wait."""
-    if settings.LOCAL_RANK == 0:
+    if device.local_zero:
         storage.fetch(uri, dest, keep=keep)
-    distributed.barrier(settings)
+    distributed.barrier(device)
 
 
 def _config(source: str, settings):
@@ -188,12 +187,12 @@ def tiny_model(config, tokenizer):
     return AutoModelForCausalLM.from_config(config)
 
 
-def load(settings, base: Base, tokenizer, backend: str):
+def load(settings, device: Device, base: Base, tokenizer, backend: str):
     """The base model with fresh LoRA adapters on LORA_TARGET_MODULES, ready to train."""
-    return (load_unsloth if backend == "unsloth" else load_hf)(settings, base, tokenizer)
+    return (load_unsloth if backend == "unsloth" else load_hf)(settings, device, base, tokenizer)
 
 
-def load_unsloth(settings, base: Base, tokenizer):
+def load_unsloth(settings, device: Device, base: Base, tokenizer):
     from unsloth import FastLanguageModel
 
     try:
@@ -203,7 +202,7 @@ def load_unsloth(settings, base: Base, tokenizer):
             dtype=None,
             load_in_4bit=settings.LOAD_IN_4BIT,
             token=_token(settings),
-            device_map={"": settings.LOCAL_RANK},  # one GPU per rank under torchrun
+            device_map={"": device.local_rank},  # one GPU per rank under torchrun
         )
     except (OSError, ValueError) as exc:
         raise hub_error(exc, "model") from None
@@ -213,14 +212,14 @@ def load_unsloth(settings, base: Base, tokenizer):
     )
 
 
-def load_hf(settings, base: Base, tokenizer):
+def load_hf(settings, device: Device, base: Base, tokenizer):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    cuda = torch.cuda.is_available() and not settings.DRY_RUN
+    cuda = device.cuda
+    torch.manual_seed(settings.SEED)  # the tiny model's weights and LoRA's initial A matrices follow SEED
     if base.tiny_config is not None:
-        torch.manual_seed(settings.SEED)
         model = tiny_model(base.tiny_config, tokenizer)
     else:
         kwargs = {"dtype": torch.bfloat16 if cuda else torch.float32, "token": _token(settings)}
@@ -232,7 +231,7 @@ def load_hf(settings, base: Base, tokenizer):
                 bnb_4bit_compute_dtype=torch.bfloat16,
             )
         if cuda:
-            kwargs["device_map"] = {"": torch.cuda.current_device()}
+            kwargs["device_map"] = {"": device.local_rank}
         try:
             model = AutoModelForCausalLM.from_pretrained(base.source, **kwargs)
         except (OSError, ValueError) as exc:

@@ -5,25 +5,52 @@ import hashlib
 import json
 import logging
 import platform
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
 from job import __version__, report
-from job.storage import Storage, join
+from job.context import ATTEMPTS, CONFIG, FAILURE, MANIFEST, TRAIN_LOG, Run
+from job.storage import Storage
+from job.train import Metrics
 
 log = logging.getLogger(__name__)
 
 LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "unsloth", "boto3")
 
 
-def write_outputs(stage: Path, summary: dict, samples: list[dict], config: dict) -> None:
-    """samples.jsonl, metrics.json, config.json, loss.png and report.md beside the adapter in stage."""
+@dataclass
+class Summary:
+    """Everything the run's report, metrics.json and manifest.json say beside the files themselves."""
+
+    run_id: str
+    dry_run: bool
+    backend: str
+    world_size: int
+    base_model: dict
+    chat_template: str
+    dataset: dict
+    samples_seen_in_training: bool
+    metrics: Metrics
+    timings: dict[str, float]
+    attempts: list[dict]
+    checkpoints: list[int]  # committed steps at publish; deleted once the manifest is written
+
+
+def attempts(storage: Storage, run: Run) -> list[dict]:
+    found = storage.get_bytes(run.uri(ATTEMPTS))
+    return json.loads(found[0]) if found else []
+
+
+def write_outputs(stage: Path, summary: Summary, samples: list[dict], config: dict) -> None:
+    """samples.jsonl, metrics.json, config.json, attempts.json, loss.png and report.md beside the adapter."""
     (stage / "samples.jsonl").write_text("".join(json.dumps(row) + "\n" for row in samples))
-    metrics = summary["metrics"] | {"seconds_per_stage": summary["timings"]}
+    metrics = asdict(summary.metrics) | {"seconds_per_stage": summary.timings, "attempts": summary.attempts}
     (stage / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (stage / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    plot_loss(stage / "train_log.jsonl", stage / "loss.png")
+    (stage / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    (stage / ATTEMPTS).write_text(json.dumps(summary.attempts, indent=1) + "\n")
+    plot_loss(stage / TRAIN_LOG, stage / "loss.png")
     (stage / "report.md").write_text(report.render(summary, samples, config))
 
 
@@ -47,29 +74,34 @@ def plot_loss(train_log: Path, target: Path) -> None:
 
 
 def describe_file(path: Path, name: str) -> dict:
-    digest = hashlib.sha256()
     with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return {"path": name, "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"path": name, "bytes": path.stat().st_size, "sha256": digest}
 
 
-def manifest(stage: Path, summary: dict, image_version: str | None) -> dict:
+def manifest(stage: Path, summary: Summary, image_version: str | None) -> dict:
     files = [describe_file(p, p.relative_to(stage).as_posix()) for p in sorted(stage.rglob("*")) if p.is_file()]
     return {
-        "run_id": summary["run_id"],
+        "run_id": summary.run_id,
         "status": "succeeded",
-        "dry_run": summary["dry_run"],
+        "dry_run": summary.dry_run,
         "completed_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "dataset": summary["dataset"],
-        "base_model": summary["base_model"],
-        "backend": summary["backend"],
-        "world_size": summary["world_size"],
+        "dataset": summary.dataset,
+        "base_model": summary.base_model,
+        "backend": summary.backend,
+        "world_size": summary.world_size,
         "job_version": __version__,
         "image_version": image_version,
         "python": platform.python_version(),
         "libraries": {name: _version(name) for name in LIBRARIES if _version(name)},
-        "timings": summary["timings"],
+        "timings": summary.timings,
+        "attempts": summary.attempts,
+        "checkpoints": {
+            "steps": summary.checkpoints,
+            "kept": False,
+            "why": "deleted once this manifest is written: the adapter is the result, and a checkpoint's "
+            "optimizer state only serves to resume an unfinished run",
+        },
         "files": files,
     }
 
@@ -81,12 +113,12 @@ def _version(name: str) -> str | None:
         return None
 
 
-def publish(storage: Storage, stage: Path, out_uri: str, summary: dict, image_version: str | None) -> bool:
+def publish(storage: Storage, run: Run, summary: Summary, image_version: str | None) -> bool:
     """Uploads every file, then manifest.json if none exists yet; False when another run got there first."""
-    storage.put_tree(stage, out_uri)
-    storage.delete(join(out_uri, "failure.json"))  # left by an earlier attempt of this run that failed
-    body = json.dumps(manifest(stage, summary, image_version), indent=2).encode() + b"\n"
-    written = storage.put_bytes(body, join(out_uri, "manifest.json"), if_absent=True)
+    storage.put_tree(run.stage, run.out)
+    storage.delete(run.uri(FAILURE))  # left by an earlier attempt of this run that failed
+    body = json.dumps(manifest(run.stage, summary, image_version), indent=2).encode() + b"\n"
+    written = storage.put_bytes(body, run.uri(MANIFEST), if_absent=True)
     if not written:
-        log.warning("%s already has a manifest.json: another attempt completed this run first", out_uri)
+        log.warning("%s already has a manifest.json: another attempt completed this run first", run.out)
     return written

@@ -10,44 +10,47 @@ def _quote(text: str | None) -> str:
     return "\n".join("> " + line for line in (_cut(text) or "(empty)").splitlines())
 
 
-def render(summary: dict, samples: list[dict], config: dict) -> str:
-    m, dataset = summary["metrics"], summary["dataset"]
+def render(summary, samples: list[dict], config: dict) -> str:
+    m, dataset = summary.metrics, summary.dataset
     lines = [
-        f"# Fine-tuning run `{summary['run_id']}`" + (" (dry run)" if summary["dry_run"] else ""),
+        f"# Fine-tuning run `{summary.run_id}`" + (" (dry run)" if summary.dry_run else ""),
         "",
-        f"- **Base model:** `{summary['base_model']['name']}` (loaded: {summary['base_model']['loaded']})",
-        f"- **Backend:** {summary['backend']}",
+        f"- **Base model:** `{summary.base_model['name']}` (loaded: {summary.base_model['loaded']})",
+        f"- **Backend:** {summary.backend}",
         f"- **Dataset:** `{dataset['uri']}`: {dataset['rows']} rows in {len(dataset['files'])} file(s), "
-        f"format {dataset['format']}, {dataset['train_rows']} for training, {dataset['eval_rows']} held out",
-        f"- **Chat template:** {summary['chat_template']}",
+        f"format {dataset['format']}, {dataset['train_rows']} for training, {dataset['eval_rows']} held out; "
+        f"{dataset['truncated_rows']} training rows cut at MAX_SEQ_LENGTH, {dataset['rows_without_trained_tokens']} "
+        "of them with no response token left",
+        f"- **Chat template:** {summary.chat_template}",
         "",
         "## Training",
         "",
         "| steps | epochs | first loss | final loss | eval loss | tokens | tokens/s | peak GPU GiB |",
         "|---|---|---|---|---|---|---|---|",
-        "| {steps} | {epochs} | {first} | {final} | {eval} | {tokens} | {tps} | {gpu} |".format(
-            steps=m["steps"],
-            epochs=m["epochs"],
-            first=_num(m["first_loss"]),
-            final=_num(m["final_loss"]),
-            eval=_num(m["eval_loss"]),
-            tokens=m["tokens"],
-            tps=m["tokens_per_second"],
-            gpu=_num(m["peak_gpu_memory_gib"]),
-        ),  # fmt: skip
+        f"| {m.steps} | {m.epochs} | {_num(m.first_loss)} | {_num(m.final_loss)} | {_num(m.eval_loss)} | "
+        f"{m.tokens} | {m.tokens_per_second} | {_num(m.peak_gpu_memory_gib)} |",
         "",
         "![loss against step](loss.png)",
         "",
+        "## Attempts",
+        "",
+        "| attempt | host | started | resumed from step |",
+        "|---|---|---|---|",
+        *(
+            f"| {a['attempt']} | {a['host']} | {a['started_at']} | {a['resumed_from_step'] or '-'} |"
+            for a in summary.attempts
+        ),  # fmt: skip
+        "",
         "## Seconds per stage",
         "",
-        "| " + " | ".join(summary["timings"]) + " |",
-        "|" + "---|" * len(summary["timings"]),
-        "| " + " | ".join(f"{s:.1f}" for s in summary["timings"].values()) + " |",
+        "| " + " | ".join(summary.timings) + " |",
+        "|" + "---|" * len(summary.timings),
+        "| " + " | ".join(f"{s:.1f}" for s in summary.timings.values()) + " |",
         "",
         "## Samples",
         "",
         "Greedy decoding; *fine-tuned* is the adapter reloaded from `adapter/`, *base* the same model with the"
-        " adapter disabled." + (" These prompts were seen in training." if summary["samples_seen_in_training"] else ""),
+        " adapter disabled." + (" These prompts were seen in training." if summary.samples_seen_in_training else ""),
     ]
     for i, row in enumerate(samples, 1):
         lines += ["", f"### {i}", "", "**Prompt**", "", _quote(row["prompt"]), "", "**Fine-tuned**", "",
@@ -67,7 +70,7 @@ def render(summary: dict, samples: list[dict], config: dict) -> str:
         "",
         "| variable | value |",
         "|---|---|",
-        *(f"| {k} | `{v}` |" for k, v in config.items() if v is not None),
+        *(f"| {k} | `{v}` |" for k, v in config.items() if v is not None and k != "DATASET_FILES"),
         "",
     ]
     return "\n".join(lines)

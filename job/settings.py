@@ -2,33 +2,69 @@
 
 This is the only module that reads the environment. Precedence: the real environment, then the
 file named by ENV_FILE (python-dotenv, never overriding a real variable), then the defaults below,
-which follow the Unsloth Llama-3 notebook (unsloth/notebooks, Llama3_(8B)-Alpaca.ipynb).
+which follow the Unsloth Llama-3 notebook (unsloth/notebooks, Llama3_(8B)-Alpaca.ipynb). A name in
+ENV_FILE that is not a setting, or a near miss of one in the environment (LORA_RANK), is an error.
 """
 
+import difflib
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Annotated, Literal
 
-from dotenv import load_dotenv
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from dotenv import dotenv_values
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from job.errors import ConfigInvalid
 
-# Variables that do not change what is trained, so they stay out of the default RUN_ID.
-NOT_IN_RUN_ID = {
-    "RUN_ID", "ENV_FILE", "SCRATCH_DIR", "LOG_FORMAT", "IMAGE_VERSION", "RANK", "LOCAL_RANK", "SWEEP_FILE",
-    "JOB_COMPLETION_INDEX", "HF_TOKEN", "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
-    "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL",
+# What determines the trained adapter: the default RUN_ID hashes these (and the dataset's identity, which the
+# caller supplies). Every setting is in exactly one of the two sets; a test fails when one is added to neither.
+TRAINED = frozenset({
+    "BASE_MODEL", "DATASET_FORMAT", "CHAT_TEMPLATE", "TRAIN_ON_RESPONSES_ONLY", "EVAL_FRACTION", "MAX_SEQ_LENGTH",
+    "LOAD_IN_4BIT", "LORA_R", "LORA_ALPHA", "LORA_DROPOUT", "LORA_TARGET_MODULES", "LEARNING_RATE",
+    "PER_DEVICE_BATCH_SIZE", "GRAD_ACCUM_STEPS", "MAX_STEPS", "NUM_EPOCHS", "WARMUP_STEPS", "WEIGHT_DECAY",
+    "LR_SCHEDULER", "OPTIMIZER", "SEED", "PACKING", "TRAIN_BACKEND", "DRY_RUN", "DRY_RUN_STEPS", "WORLD_SIZE",
+})  # fmt: skip
+# Where the run reads and writes, how it is named, checkpointed, sampled, logged and launched, and credentials.
+# DATASET_URI too: the dataset's content identity is hashed instead, so a moved copy is the same run.
+NOT_TRAINED = frozenset({
+    "DATASET_URI", "OUTPUT_URI", "RUN_ID", "RUN_NAME", "ENV_FILE", "SCRATCH_DIR", "CHECKPOINT_EVERY_STEPS",
+    "CHECKPOINT_KEEP", "SAMPLE_PROMPTS_URI", "NUM_SAMPLE_PROMPTS", "MAX_NEW_TOKENS", "LEASE_SECONDS", "RANK",
+    "LOCAL_RANK", "NPROC_PER_NODE", "NNODES", "NODE_RANK", "RDZV_ENDPOINT", "TORCHELASTIC_RUN_ID", "SWEEP_FILE",
+    "JOB_COMPLETION_INDEX", "IMAGE_VERSION", "LOG_FORMAT", "HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL",
+})  # fmt: skip
+
+# The platform's own variables are never taken for misspelled settings, however close: those of the container
+# runtime, Kubernetes, torchrun and the launchers that set its PET_ variables (Kubeflow) or their own (Slurm, MPI,
+# SageMaker), CUDA, the libraries the job uses, and the CI runners of the dry run (GitHub's RUNNER_NAME).
+PLATFORM_PREFIXES = (
+    "KUBERNETES_", "NVIDIA_", "NV_", "CUDA_", "CUDNN_", "CUBLAS_", "PYTORCH_", "TORCH_", "TORCHELASTIC_", "PET_",
+    "NCCL_", "HF_", "HUGGINGFACE_", "AWS_", "TRANSFORMERS_", "TOKENIZERS_", "TRITON_", "UNSLOTH_", "BNB_",
+    "ACCELERATE_", "WANDB_", "MLFLOW_", "XDG_", "LC_", "PYTHON", "OMP_", "MKL_", "SLURM_", "OMPI_", "PMI_", "SM_",
+    "GITHUB_", "RUNNER_", "ACTIONS_",
+)  # fmt: skip
+PLATFORM_NAMES = {
+    "PATH", "HOME", "HOSTNAME", "TERM", "LANG", "LANGUAGE", "PWD", "OLDPWD", "SHLVL", "USER", "SHELL",
+    "LD_LIBRARY_PATH", "LIBRARY_PATH", "TMPDIR", "TZ", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE",
+    "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE",
 }  # fmt: skip
+# Kubernetes service links: FOO_SERVICE_HOST, FOO_SERVICE_PORT(_NAME), FOO_PORT, FOO_PORT_80_TCP(_ADDR, ...).
+SERVICE_LINK = re.compile(r"_SERVICE_(HOST|PORT)(_|$)|_PORT(_|$)")
+# Words that name a location: OUTPUT_DIR, DATASET_PATH and DATASET_URL all mean the *_URI setting.
+LOCATION_WORDS = {"DIR": "URI", "PATH": "URI", "URL": "URI"}
+# Required addresses that, set to "", are a mistake rather than "use the default" (there is none, or it is a model).
+NOT_EMPTY = ("BASE_MODEL", "DATASET_URI", "OUTPUT_URI")
 
 FIXES = {
+    "BASE_MODEL": "set it to a Hub id (org/name), a local model directory or s3://bucket/prefix/",
     "DATASET_URI": "set it to s3://bucket/key, s3://bucket/prefix/ or a local path",
     "OUTPUT_URI": "set it to s3://bucket/prefix or a local directory",
+    "SAMPLE_PROMPTS_URI": "set it to s3://bucket/key or a local path, or unset it",
     "LORA_TARGET_MODULES": "give module names separated by commas, e.g. q_proj,v_proj",
 }
 
@@ -49,7 +85,9 @@ class Settings(BaseSettings):
     OUTPUT_URI: str
     """s3://bucket/prefix or a local directory; the run writes under OUTPUT_URI/RUN_ID/."""
     RUN_ID: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-    """Names the run's folder; default: a short hash of the effective configuration."""
+    """Names the run's folder; default: RUN_NAME- (when set) and a short hash of what is trained and on what data."""
+    RUN_NAME: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,47}$")
+    """Readable prefix of the default RUN_ID (RUN_NAME-<hash>); Kubernetes sets the Job's name; ignored with RUN_ID."""
     ENV_FILE: str = ".env"
     """A dotenv file read at start; the real environment wins over it."""
     SCRATCH_DIR: str = Field(default_factory=_default_scratch)
@@ -89,9 +127,9 @@ class Settings(BaseSettings):
     GRAD_ACCUM_STEPS: int = Field(default=4, ge=1)
     """Forward passes per optimizer step."""
     MAX_STEPS: int = Field(default=60, ge=0)
-    """Optimizer steps; 0 means train NUM_EPOCHS epochs."""
+    """Optimizer steps (default 60); unset it and set NUM_EPOCHS to train by epochs (MAX_STEPS then becomes 0)."""
     NUM_EPOCHS: float = Field(default=1.0, gt=0)
-    """Epochs, used when MAX_STEPS is 0."""
+    """Epochs to train when it is set and MAX_STEPS is not (or MAX_STEPS is 0)."""
     WARMUP_STEPS: int = Field(default=5, ge=0)
     """Linear warm-up steps."""
     WEIGHT_DECAY: float = Field(default=0.01, ge=0)
@@ -108,6 +146,8 @@ class Settings(BaseSettings):
     """Pack several rows into each sequence."""
     CHECKPOINT_EVERY_STEPS: int = Field(default=50, ge=0)
     """Save a checkpoint every N optimizer steps; 0 disables."""
+    CHECKPOINT_KEEP: int = Field(default=2, ge=1)
+    """Committed checkpoints kept under OUTPUT_URI/RUN_ID/checkpoints/; older ones go once a newer one is committed."""
 
     # Samples
     SAMPLE_PROMPTS_URI: str | None = None
@@ -124,20 +164,34 @@ class Settings(BaseSettings):
     """Run every stage on CPU with a tiny model for DRY_RUN_STEPS steps."""
     DRY_RUN_STEPS: int = Field(default=3, ge=1)
     """Training steps in a dry run."""
+    LEASE_SECONDS: int = Field(default=60, ge=2)
+    """One attempt trains a run at a time, renewing its hold every LEASE_SECONDS/4; one left that long is taken over."""
+    LOG_FORMAT: Literal["auto", "json", "text"] = "auto"
+    """json: one JSON object per line; text: readable lines and progress bars; auto: json unless a terminal."""
+    IMAGE_VERSION: str | None = None
+    """Set by the image build; recorded in manifest.json."""
+
+    # Scale
+    NPROC_PER_NODE: str = "1"
+    """gpu or a number; above 1 the job runs torchrun itself, forwards SIGTERM, and exits with rank 0's code."""
+    NNODES: int = Field(default=1, ge=1)
+    """Nodes in the run; above 1 each node's job starts torchrun, which meets the others at RDZV_ENDPOINT."""
+    NODE_RANK: int = Field(default=0, ge=0)
+    """This node's index, 0 to NNODES-1."""
+    RDZV_ENDPOINT: str | None = Field(default=None, pattern=r"^\S+:[0-9]{1,5}$")
+    """host:port of node 0's rendezvous; required when NNODES is above 1."""
     RANK: int = Field(default=0, ge=0)
     """Set by torchrun: this process's rank; rank 0 alone reads the dataset and writes outputs."""
     LOCAL_RANK: int = Field(default=0, ge=0)
     """Set by torchrun: this process's GPU on its node."""
     WORLD_SIZE: int = Field(default=1, ge=1)
     """Set by torchrun: processes (GPUs) in the run."""
+    TORCHELASTIC_RUN_ID: str | None = None
+    """Set by torchrun in the processes it starts, which therefore never start torchrun again."""
     SWEEP_FILE: str | None = None
     """JSON lines of variable overrides; line JOB_COMPLETION_INDEX configures this run (an Indexed Job sweep)."""
     JOB_COMPLETION_INDEX: int | None = Field(default=None, ge=0)
     """Set by Kubernetes for Indexed Jobs: picks the SWEEP_FILE line."""
-    IMAGE_VERSION: str | None = None
-    """Set by the image build; recorded in manifest.json."""
-    LOG_FORMAT: Literal["auto", "json", "text"] = "auto"
-    """json: one JSON object per line; text: readable lines and progress bars; auto: json unless a terminal."""
 
     # Credentials and endpoints (standard meanings; boto3 and huggingface_hub read them too)
     HF_TOKEN: SecretStr | None = None
@@ -164,16 +218,61 @@ class Settings(BaseSettings):
 
     @field_validator("DATASET_URI", "OUTPUT_URI", "BASE_MODEL", "SAMPLE_PROMPTS_URI")
     @classmethod
-    def _check_uri(cls, value):
-        if value is not None and value.startswith("s3://") and not value[5:].split("/")[0]:
-            raise ValueError("an s3:// address needs a bucket name")
+    def _check_address(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        if value.startswith("file://"):
+            value = value.removeprefix("file://")  # file:///data/x is the local path /data/x
+        elif re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", value) and not re.match(r"s3://[A-Za-z0-9._-]+(/|$)", value):
+            # Another scheme (gs://, https://, hf://), s3 misspelled (S3://x, s3:/x, s3:bucket), or no bucket.
+            if re.match(r"s3://(/|$)", value):
+                raise ValueError("an s3:// address needs a bucket name")
+            raise ValueError("is neither s3://bucket/... (lower-case s3, two slashes) nor a local path")
+        if not value.strip():
+            raise ValueError("is set but empty")
+        if info.field_name == "OUTPUT_URI" and Path(value).is_file():
+            raise ValueError("is a file: give a directory")
         return value
 
-    def run_id(self) -> str:
+    @field_validator("NPROC_PER_NODE", mode="before")
+    @classmethod
+    def _check_nproc(cls, value) -> str:
+        value = str(value).strip().lower()
+        if value != "gpu" and not re.fullmatch(r"[1-9][0-9]*", value):
+            raise ValueError("give gpu (one process per GPU) or a positive number of processes")
+        return value
+
+    @model_validator(mode="after")
+    def _check_together(self) -> "Settings":
+        given, problems = self.model_fields_set, []
+        if "NUM_EPOCHS" in given and "MAX_STEPS" not in given:
+            self.MAX_STEPS = 0  # train by epochs
+        elif "NUM_EPOCHS" in given and self.MAX_STEPS > 0:
+            problems.append(
+                f"MAX_STEPS={self.MAX_STEPS} and NUM_EPOCHS={self.NUM_EPOCHS:g} are both set: "
+                "set only one (MAX_STEPS to train by steps, NUM_EPOCHS to train by epochs)"
+            )
+        if self.NNODES > 1 and not self.RDZV_ENDPOINT:
+            problems.append(
+                f"RDZV_ENDPOINT is required when NNODES={self.NNODES}: set it to host:port of node 0's rendezvous"
+            )
+        if self.NODE_RANK >= self.NNODES:
+            problems.append(f"NODE_RANK={self.NODE_RANK} with NNODES={self.NNODES}: number the nodes 0 to NNODES-1")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def trained(self) -> dict:
+        """The settings that determine the trained adapter (TRAINED), as JSON values."""
+        return self.model_dump(mode="json", include=TRAINED)
+
+    def run_id(self, dataset: list[dict]) -> str:
+        """RUN_ID, else a short hash of what is trained and the dataset's identity, after RUN_NAME- when set."""
         if self.RUN_ID:
             return self.RUN_ID
-        effective = self.model_dump(mode="json", exclude=NOT_IN_RUN_ID)
-        return hashlib.sha256(json.dumps(effective, sort_keys=True).encode()).hexdigest()[:12]
+        identity = json.dumps({"settings": self.trained(), "dataset": dataset}, sort_keys=True)
+        digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
+        return f"{self.RUN_NAME}-{digest}" if self.RUN_NAME else digest
 
     def effective(self) -> "Settings":
         """The settings the run uses: a dry run trains DRY_RUN_STEPS steps in 32-bit on CPU with the hf backend."""
@@ -184,22 +283,88 @@ class Settings(BaseSettings):
             "LOAD_IN_4BIT": False,
             "OPTIMIZER": "adamw_torch",
             "MAX_STEPS": self.DRY_RUN_STEPS,
+            # Warm-up at most a quarter of the steps: 5 warm-up steps in a 3-step run gave lr 0, 4e-5, 8e-5.
+            "WARMUP_STEPS": min(self.WARMUP_STEPS, self.DRY_RUN_STEPS // 4),
         }
         return self.model_copy(update=dry)
 
     def public(self) -> dict:
-        """The effective configuration with secrets masked, for config.json and the report."""
-        return self.model_dump(mode="json") | {"RUN_ID": self.run_id()}
+        """The configuration with secrets masked, for config.json and the report (the caller adds RUN_ID)."""
+        return self.model_dump(mode="json")
+
+
+def _redact(text: str) -> str:
+    """The text without a URI's user:password@ or ?query (a presigned URL's signature)."""
+    return re.sub(r"\?\S*", "", re.sub(r"//[^/@\s]*@", "//", text))
 
 
 def _describe(error: dict) -> str:
-    name = str(error["loc"][0]) if error["loc"] else "configuration"
-    secret = Settings.model_fields.get(name) and "SecretStr" in str(Settings.model_fields[name].annotation)
+    message = error["msg"].removeprefix("Value error, ")
+    if not error["loc"]:  # a check of several settings together; its message names them
+        return message
+    name = str(error["loc"][0])
     if error["type"] == "missing":
         return f"{name} is required: {FIXES.get(name, 'set it')}"
-    shown = "" if secret else f" (got {error['input']!r})"
-    message = error["msg"].removeprefix("Value error, ")
+    value = error["input"]
+    secret = "SecretStr" in str(Settings.model_fields[name].annotation)
+    shown = "" if secret else f" (got {_redact(value) if isinstance(value, str) else value!r})"
     return f"{name}{shown}: {message}" + (f"; {FIXES[name]}" if name in FIXES else "")
+
+
+def _is_platform(name: str) -> bool:
+    name = name.upper()
+    return name in PLATFORM_NAMES or name.startswith(PLATFORM_PREFIXES) or bool(SERVICE_LINK.search(name))
+
+
+def _words(name: str) -> list[str]:
+    return [LOCATION_WORDS.get(word, word) for word in name.upper().split("_") if word]
+
+
+def _is_near_miss(name: str, setting: str) -> bool:
+    """Whether `name` looks like a misspelling of `setting`."""
+    a, b = _words(name), _words(setting)
+    letters_a, letters_b = "".join(a), "".join(b)
+    if len(letters_a) > len(letters_b) and letters_a.endswith(letters_b):
+        return False  # a setting's name after a prefix is how other programs name theirs: LOCAL_WORLD_SIZE, PET_NNODES
+    if letters_a == letters_b:  # case and underscores: LEARNINGRATE, BASEMODEL, LORA_DROP_OUT, OUTPUT_DIR
+        return True
+    # Each word cut short or run on, in names of 4 letters or more: LORA_RANK, MAX_SEQ_LEN, OPTIM, NUM_EPOCH.
+    if (
+        len(a) == len(b)
+        and min(len(letters_a), len(letters_b)) >= 4
+        and all(x.startswith(y) or y.startswith(x) for x, y in zip(a, b))
+    ):
+        return True
+    # Two or more words in common, with words missing at either end or added at the end: BATCH_SIZE,
+    # LR_SCHEDULER_TYPE. Not words added at the start: that is how platforms name theirs (LOCAL_WORLD_SIZE).
+    common = min(len(a), len(b))
+    if common >= 2 and (a[:common] == b[:common] or (len(a) < len(b) and a == b[-common:])):
+        return True
+    # A slip of the keyboard: 0.85 allows one letter missing or added (LERNING_RATE, NODES), or one wrong in
+    # names of 7 letters or more (DATASET_FORMAY); in shorter names a wrong letter mostly makes another word.
+    slip = difflib.SequenceMatcher(None, letters_a, letters_b)
+    return slip.quick_ratio() >= 0.85 and slip.ratio() >= 0.85  # quick_ratio, a cheap upper bound, first
+
+
+def _closest(name: str) -> str | None:
+    """The setting that `name` most likely misspells, or None."""
+    near = [setting for setting in Settings.model_fields if _is_near_miss(name, setting)]
+    return max(near, key=lambda s: difflib.SequenceMatcher(None, name.upper(), s).ratio(), default=None)
+
+
+def _misspelled(env_file: str, from_file: dict) -> list[str]:
+    """A problem for each name in the env file that is not a setting, and each near miss in the environment."""
+    problems = []
+    for name in from_file:
+        if name not in Settings.model_fields and not _is_platform(name):
+            close = _closest(name)
+            hint = f"did you mean {close}?" if close else "it is unknown: use names from env.example"
+            problems.append(f"{name} in {env_file} is not a setting: {hint}")
+    # Only upper-case names: others follow other conventions (http_proxy, GitHub's ImageVersion).
+    for name in sorted(os.environ.keys() - Settings.model_fields.keys() - from_file.keys()):
+        if name.isupper() and not _is_platform(name) and (close := _closest(name)):
+            problems.append(f"{name} is set but is not a setting: did you mean {close}? rename or unset it")
+    return problems
 
 
 def read_settings() -> Settings:
@@ -207,14 +372,26 @@ def read_settings() -> Settings:
     env_file = os.environ.get("ENV_FILE") or ".env"
     if os.environ.get("ENV_FILE") and not Path(env_file).is_file():
         raise ConfigInvalid(f"ENV_FILE={env_file!r} does not exist: point it at a dotenv file or unset it")
-    load_dotenv(env_file, override=False)
+    from_file = dotenv_values(env_file) if Path(env_file).is_file() else {}
+    problems = _misspelled(env_file, from_file)
+    for name, value in from_file.items():  # the real environment wins; misspelled names stay out
+        if value is not None and (name in Settings.model_fields or _is_platform(name)):
+            os.environ.setdefault(name, value)
+    empty = [name for name in NOT_EMPTY if os.environ.get(name) == ""]  # other blanks reach the validator
+    for name in empty:
+        fix = "unset it for the default, or name a model" if name == "BASE_MODEL" else FIXES[name]
+        problems.append(f"{name} is set but empty: {fix}")
     try:
         settings = Settings()
         if settings.SWEEP_FILE:
             settings = Settings(**sweep_point(settings.SWEEP_FILE, settings.JOB_COMPLETION_INDEX))
-        return settings.effective()
+        settings = settings.effective()
     except ValidationError as exc:
-        raise ConfigInvalid("; ".join(_describe(e) for e in exc.errors(include_url=False))) from None
+        errors = exc.errors(include_url=False)
+        problems += [_describe(e) for e in errors if not (e["type"] == "missing" and e["loc"][0] in empty)]
+    if problems:
+        raise ConfigInvalid("; ".join(problems))
+    return settings
 
 
 def sweep_point(path: str, index: int | None) -> dict:

@@ -1,12 +1,18 @@
 """Reading and writing s3:// and local locations, with the contract's exit codes for every failure.
 
-boto3 does the work: the transfer manager for multipart transfers, the "standard" retry mode for
-throttling and dropped connections (attempts from AWS_MAX_ATTEMPTS, default 3), and
+boto3 does the work: s3transfer's TransferManager for concurrent and multipart transfers, the "standard"
+retry mode for throttling and dropped connections (attempts from AWS_MAX_ATTEMPTS, default 3), and
 AWS_ENDPOINT_URL_S3 for MinIO and other S3-compatible stores.
 """
 
+# Storage.list shadows the builtin in the class body, where annotations would otherwise be evaluated.
+from __future__ import annotations
+
+import hashlib
 import logging
+import os
 import shutil
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,8 +22,13 @@ from job.logs import progress
 log = logging.getLogger(__name__)
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".jsonl.gz", ".json.gz", ".csv.gz")
-NOT_FOUND = {"NoSuchBucket", "NoSuchKey", "404", "NotFound"}
+MISSING = {"NoSuchKey", "404", "NotFound"}
 DENIED = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "AllAccessDisabled"}
+TEMPORARY = {"SlowDown", "RequestTimeout", "Throttling", "InternalError", "ServiceUnavailable"}
+# A conditional write that did not hold; S3 answers If-Match on a missing object with NoSuchKey.
+NOT_WRITTEN = {"PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"}
+MAX_CONCURRENCY = 8  # parallel requests per transfer; botocore's connection pool holds 10
+DELETE_BATCH = 1000  # the most keys one DeleteObjects request takes
 
 
 def is_s3(uri: str) -> bool:
@@ -33,15 +44,34 @@ def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *parts])
 
 
+def as_prefix(key: str) -> str:
+    """The listing prefix of everything under key: "d" and "d/" both mean "d/"; "" is the whole bucket."""
+    return key.rstrip("/") + "/" if key else ""
+
+
 def is_data_file(name: str) -> bool:
     return name.lower().endswith(DATA_SUFFIXES)
+
+
+def files_under(folder: Path) -> list[Path]:
+    """Every file under folder, sorted; [] when there is no such folder."""
+    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
+
+
+def sha256_of(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def error_code(exc) -> str:
+    return exc.response.get("Error", {}).get("Code", "")
 
 
 @contextmanager
 def s3_errors(uri: str):
     """Turns boto3's exceptions into the job's, each naming the location and the fix."""
-    from boto3.exceptions import S3UploadFailedError
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, ParamValidationError
+    from s3transfer.exceptions import RetriesExceededError
 
     try:
         yield
@@ -50,30 +80,27 @@ def s3_errors(uri: str):
             f"{uri}: no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
             "or give the pod an IAM role"
         ) from None
-    except (ClientError, S3UploadFailedError) as exc:
-        error = exc if isinstance(exc, ClientError) else exc.__context__
-        if not isinstance(error, ClientError):
-            raise
-        code = error.response.get("Error", {}).get("Code", "")
-        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    except ClientError as exc:
+        code, status = error_code(exc), exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         if code == "NoSuchBucket":
             raise InputNotFound(f"{uri}: bucket {split_s3(uri)[0]!r} does not exist: check the bucket name") from None
-        if code in NOT_FOUND:
+        if code in MISSING:
             raise InputNotFound(f"{uri}: no such object: check the key") from None
         if code in DENIED:
             raise AccessDenied(
                 f"{uri}: access denied ({code}): check the credentials and that their policy allows this bucket"
             ) from None
-        if status >= 500 or code in {"SlowDown", "RequestTimeout", "Throttling"}:
+        if status >= 500 or code in TEMPORARY:
             raise TemporaryFailure(f"{uri}: storage failed after retries ({code}): try again later") from None
         raise
     except ParamValidationError as exc:
         raise ConfigInvalid(
             f"{uri}: not a valid S3 address: check the bucket name ({str(exc).splitlines()[-1][:120]})"
         ) from None
-    except BotoCoreError as exc:
+    except (BotoCoreError, RetriesExceededError) as exc:  # s3transfer retries broken downloads itself
+        cause = getattr(exc, "last_exception", None) or exc
         raise TemporaryFailure(
-            f"{uri}: storage unreachable after retries ({exc}): check AWS_ENDPOINT_URL_S3 and the network"
+            f"{uri}: storage unreachable after retries ({cause}): check AWS_ENDPOINT_URL_S3 and the network"
         ) from None
 
 
@@ -81,6 +108,7 @@ class Storage:
     def __init__(self, settings):
         self.settings = settings
         self._client = None
+        self._transfers = None
 
     @property
     def client(self):
@@ -102,77 +130,171 @@ class Storage:
             )
         return self._client
 
+    @property
+    def transfers(self):
+        """boto3's managed transfer (s3transfer's TransferManager): many files at once, large ones in parts."""
+        if self._transfers is None:
+            from boto3.s3.transfer import TransferConfig, create_transfer_manager
+
+            self._transfers = create_transfer_manager(self.client, TransferConfig(max_concurrency=MAX_CONCURRENCY))
+        return self._transfers
+
     def fetch(self, uri: str, dest: Path, keep=is_data_file) -> list[tuple[str, Path]]:
         """(address, local path) of the file at uri, or of every file under it that keep(name) accepts,
         in key order. s3:// objects are downloaded into dest; local files are used where they are.
         The default keeps data files, skipping README, _SUCCESS and the like."""
         if not is_s3(uri):
-            path = Path(uri)
-            if path.is_file():
-                return [(uri, path)]
-            if not path.is_dir():
-                raise InputNotFound(f"{uri}: no such file or folder: check the path")
-            files = [p for p in sorted(path.rglob("*")) if p.is_file() and keep(p.name)]
-            return [(str(p), p) for p in files] or self._nothing_under(uri)
-        bucket, key = split_s3(uri)
+            return self._select_local(uri, keep)
+        bucket = split_s3(uri)[0]
         with s3_errors(uri):
-            size = self._size(bucket, key) if key and not key.endswith("/") else None
-            if size is not None:
-                return [(uri, self._download(bucket, key, size, dest / Path(key).name))]
-            prefix = key.rstrip("/") + "/" if key else ""
-            objects = [(k, n) for k, n in self._list(bucket, prefix) if not k.endswith("/") and keep(k)]
-            targets = [safe_target(dest, k[len(prefix) :]) for k, _ in objects]
-            fetched = [(f"s3://{bucket}/{k}", self._download(bucket, k, n, t)) for (k, n), t in zip(objects, targets)]
-            return fetched or self._nothing_under(uri)
+            selected = self._select(uri, keep)
+        targets = [safe_target(dest, relative) for _, relative in selected]
+        objects = [obj for obj, _ in selected]
+        self._download(bucket, objects, targets)
+        return [(f"s3://{bucket}/{obj['Key']}", target) for obj, target in zip(objects, targets)]
+
+    def identify(self, uri: str) -> list[dict]:
+        """What fetch(uri) would return, without downloading it: s3 objects by ETag and size from the listing
+        (or HEAD), local files by sha256 and size."""
+        if not is_s3(uri):
+            return [
+                {"uri": source, "sha256": sha256_of(path), "bytes": path.stat().st_size}
+                for source, path in self._select_local(uri, is_data_file)
+            ]
+        bucket = split_s3(uri)[0]
+        with s3_errors(uri):
+            selected = self._select(uri, is_data_file)
+        return [
+            {"uri": f"s3://{bucket}/{obj['Key']}", "etag": obj["ETag"].strip('"'), "bytes": obj["Size"]}
+            for obj, _ in selected
+        ]
+
+    def _select(self, uri: str, keep) -> list[tuple[dict, str]]:
+        """The objects fetch(uri) takes, each with its path under dest: the object at uri, or every object
+        under it whose key keep() accepts, in key order. Runs inside s3_errors."""
+        bucket, key = split_s3(uri)
+        head = self._head(bucket, key) if key and not key.endswith("/") else None
+        if head is not None:
+            return [({"Key": key, "Size": head["ContentLength"], "ETag": head["ETag"]}, Path(key).name)]
+        prefix = as_prefix(key)
+        selected = [(obj, obj["Key"][len(prefix) :]) for obj in self._objects(bucket, prefix) if keep(obj["Key"])]
+        return selected or self._nothing_under(uri)
+
+    @classmethod
+    def _select_local(cls, uri: str, keep) -> list[tuple[str, Path]]:
+        path = Path(uri)
+        if path.is_file():
+            return [(uri, path)]
+        if not path.is_dir():
+            raise InputNotFound(f"{uri}: no such file or folder: check the path")
+        return [(str(p), p) for p in files_under(path) if keep(p.name)] or cls._nothing_under(uri)
 
     @staticmethod
     def _nothing_under(uri: str):
         suffixes = ", ".join(DATA_SUFFIXES)
         raise InputNotFound(f"{uri}: no such object, and no data files ({suffixes}) under it: check the address")
 
-    def _size(self, bucket: str, key: str) -> int | None:
-        """The object's size in bytes, or None when there is no such object."""
+    def _head(self, bucket: str, key: str) -> dict | None:
+        """The object's HEAD response (ContentLength, ETag), or None when there is no such object."""
         from botocore.exceptions import ClientError
 
         try:
-            return self.client.head_object(Bucket=bucket, Key=key)["ContentLength"]
+            return self.client.head_object(Bucket=bucket, Key=key)
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in NOT_FOUND - {"NoSuchBucket"}:
+            if error_code(exc) in MISSING:
                 return None
             raise
 
-    def _list(self, bucket: str, prefix: str) -> list[tuple[str, int]]:
+    def _objects(self, bucket: str, prefix: str, markers: bool = False) -> list[dict]:
+        """Every object under prefix (Key, Size, ETag) in key order; folder markers ("d/") only when asked."""
         pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-        return sorted((obj["Key"], obj["Size"]) for page in pages for obj in page.get("Contents", []))
+        objects = [obj for page in pages for obj in page.get("Contents", [])]
+        return sorted((obj for obj in objects if markers or not obj["Key"].endswith("/")), key=lambda o: o["Key"])
 
-    def _download(self, bucket: str, key: str, size: int, target: Path) -> Path:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with progress(total=size, unit="B", unit_scale=True, desc=f"download {key}") as bar:
-            self.client.download_file(bucket, key, str(target), Callback=bar.update)
-        return target
+    def _download(self, bucket: str, objects: list[dict], targets: list[Path]) -> None:
+        from boto3.s3.transfer import ProgressCallbackInvoker
+
+        with progress(total=sum(obj["Size"] for obj in objects), unit="B", unit_scale=True, desc="download") as bar:
+            transfers = []
+            for obj, target in zip(objects, targets):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                future = self.transfers.download(
+                    bucket, obj["Key"], str(target), subscribers=[ProgressCallbackInvoker(bar.update)]
+                )
+                transfers.append((f"s3://{bucket}/{obj['Key']}", future))
+            self._wait(transfers)
+
+    @staticmethod
+    def _wait(transfers: list[tuple[str, object]]) -> None:
+        """Waits for every (address, transfer future); the first failure cancels the rest and is raised as the
+        job's error for its address."""
+        try:
+            for uri, future in transfers:
+                with s3_errors(uri):
+                    future.result()
+        except BaseException:
+            for _, future in transfers:
+                future.cancel()
+            raise
 
     def exists(self, uri: str) -> bool:
         if not is_s3(uri):
             return Path(uri).exists()
         bucket, key = split_s3(uri)
         with s3_errors(uri):
-            return self._size(bucket, key) is not None
+            return self._head(bucket, key) is not None
+
+    def list(self, uri: str) -> list[str]:
+        """Relative paths of every object or file under uri, sorted; [] when there are none."""
+        if not is_s3(uri):
+            return [p.relative_to(uri).as_posix() for p in files_under(Path(uri))]
+        bucket, key = split_s3(uri)
+        prefix = as_prefix(key)
+        with s3_errors(uri):
+            return [obj["Key"][len(prefix) :] for obj in self._objects(bucket, prefix)]
+
+    def fetch_tree(self, uri: str, dest: Path) -> list[Path]:
+        """Every file under uri downloaded (s3) or copied (local) into dest, keeping relative paths;
+        [] when there are none."""
+        if not is_s3(uri):
+            sources = files_under(Path(uri))
+            targets = [safe_target(dest, p.relative_to(uri).as_posix()) for p in sources]
+            for source, target in zip(sources, targets):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, target)
+            return targets
+        bucket, key = split_s3(uri)
+        prefix = as_prefix(key)
+        with s3_errors(uri):
+            objects = self._objects(bucket, prefix)
+        targets = [safe_target(dest, obj["Key"][len(prefix) :]) for obj in objects]
+        self._download(bucket, objects, targets)
+        return targets
 
     def put_tree(self, folder: Path, uri: str, skip: set[str] = frozenset()) -> None:
         """Copies every file under folder to uri, keeping relative paths; names in skip stay behind."""
-        files = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.relative_to(folder).as_posix() not in skip]
-        with progress(total=sum(p.stat().st_size for p in files), unit="B", unit_scale=True, desc="upload") as bar:
-            for path in files:
-                self.put_file(path, join(uri, path.relative_to(folder).as_posix()), bar.update)
+        from boto3.s3.transfer import ProgressCallbackInvoker
+
+        names = [p.relative_to(folder).as_posix() for p in files_under(folder)]
+        files = [(folder / name, join(uri, name)) for name in names if name not in skip]
+        with progress(total=sum(p.stat().st_size for p, _ in files), unit="B", unit_scale=True, desc="upload") as bar:
+            if not is_s3(uri):
+                for path, target in files:
+                    self.put_file(path, target)
+                    bar.update(path.stat().st_size)
+                return
+            subscribers = [ProgressCallbackInvoker(bar.update)]
+            self._wait([(t, self.transfers.upload(str(p), *split_s3(t), subscribers=subscribers)) for p, t in files])
 
     def put_file(self, path: Path, uri: str, callback=None) -> None:
         if not is_s3(uri):
             Path(uri).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, uri)
             return
-        bucket, key = split_s3(uri)
-        with s3_errors(uri):
-            self.client.upload_file(str(path), bucket, key, Callback=callback)
+        from boto3.s3.transfer import ProgressCallbackInvoker
+
+        subscribers = [ProgressCallbackInvoker(callback)] if callback else None
+        self._wait([(uri, self.transfers.upload(str(path), *split_s3(uri), subscribers=subscribers))])
 
     def delete(self, uri: str) -> None:
         """Removes the object or file at uri; nothing there is fine."""
@@ -183,38 +305,99 @@ class Storage:
         with s3_errors(uri):
             self.client.delete_object(Bucket=bucket, Key=key)
 
-    def put_bytes(self, data: bytes, uri: str, if_absent: bool = False) -> bool:
-        """Writes data to uri; with if_absent, only when nothing is there yet. False when something was."""
+    def delete_tree(self, uri: str) -> None:
+        """Removes every object under the prefix uri, or the local folder; nothing there is fine."""
         if not is_s3(uri):
-            Path(uri).parent.mkdir(parents=True, exist_ok=True)
-            try:
-                with open(uri, "xb" if if_absent else "wb") as f:
-                    f.write(data)
-                return True
-            except FileExistsError:
-                return False
+            if Path(uri).exists():
+                shutil.rmtree(uri)
+            return
         from botocore.exceptions import ClientError
 
         bucket, key = split_s3(uri)
         with s3_errors(uri):
-            if not if_absent:
-                self.client.put_object(Bucket=bucket, Key=key, Body=data)
-                return True
+            keys = [{"Key": obj["Key"]} for obj in self._objects(bucket, as_prefix(key), markers=True)]
+            for start in range(0, len(keys), DELETE_BATCH):
+                batch = keys[start : start + DELETE_BATCH]
+                response = self.client.delete_objects(Bucket=bucket, Delete={"Objects": batch})
+                if errors := response.get("Errors"):  # answered per key, with status 200
+                    raise ClientError({"Error": errors[0]}, "DeleteObjects")
+
+    def get_bytes(self, uri: str) -> tuple[bytes, str] | None:
+        """The content at uri and its version token for put_bytes(if_match=...): the ETag (s3) or the sha256
+        (local); None when there is nothing there."""
+        if not is_s3(uri):
             try:
-                self.client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+                data = Path(uri).read_bytes()
+            except FileNotFoundError:
+                return None
+            return data, hashlib.sha256(data).hexdigest()
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3(uri)
+        with s3_errors(uri):
+            try:
+                response = self.client.get_object(Bucket=bucket, Key=key)
+            except ClientError as exc:
+                if error_code(exc) in MISSING:
+                    return None
+                raise
+            return response["Body"].read(), response["ETag"].strip('"')
+
+    def put_bytes(self, data: bytes, uri: str, if_absent: bool = False, if_match: str | None = None) -> bool:
+        """Writes data to uri. With if_absent, only when nothing is there yet; with if_match, only when the
+        current version token (get_bytes) equals it. False when the condition did not hold, unless the object
+        holds exactly data already (as after a retried write whose first answer was lost)."""
+        if not is_s3(uri):
+            return write_local(Path(uri), data, if_absent, if_match)
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3(uri)
+        condition = {"IfNoneMatch": "*"} if if_absent else {"IfMatch": f'"{if_match}"'} if if_match else {}
+        with s3_errors(uri):
+            try:
+                self.client.put_object(Bucket=bucket, Key=key, Body=data, **condition)
                 return True
             except ClientError as exc:
-                code = exc.response.get("Error", {}).get("Code")
-                if code in {"PreconditionFailed", "ConditionalRequestConflict"}:
-                    return False
-                if code != "NotImplemented":
+                code = error_code(exc)
+                if condition and code in NOT_WRITTEN:
+                    # A retry of a write that landed, whose answer was lost, fails its own condition.
+                    return self._holds(bucket, key, data)
+                if not (condition and code == "NotImplemented"):
                     raise
-            # Stores without conditional writes (older MinIO, Ceph): check, then write.
-            log.warning("%s: the store ignores If-None-Match; checking for an existing object instead", uri)
-            if self._size(bucket, key) is not None:
+            # Stores without conditional writes (older MinIO, Ceph): compare, then write.
+            log.warning("%s: the store refuses conditional writes; comparing the current version instead", uri)
+            head = self._head(bucket, key)
+            current = head and head["ETag"].strip('"')
+            if current != (None if if_absent else if_match):
                 return False
             self.client.put_object(Bucket=bucket, Key=key, Body=data)
             return True
+
+    def _holds(self, bucket: str, key: str, data: bytes) -> bool:
+        """Whether the object is data already; a single-part PUT's ETag is the MD5 of its bytes (without KMS)."""
+        head = self._head(bucket, key)
+        return head is not None and head["ETag"].strip('"') == hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def write_local(path: Path, data: bytes, if_absent: bool = False, if_match: str | None = None) -> bool:
+    """Writes data to path through a temporary file, so that readers never see half a file. With if_absent, only
+    when the file does not exist; with if_match, only when its sha256 equals if_match (compared, then replaced:
+    one writer per folder)."""
+    if if_match is not None and (not path.is_file() or sha256_of(path) != if_match):
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    temp.write_bytes(data)
+    try:
+        if if_absent:
+            os.link(temp, path)  # fails when path exists, where os.replace would overwrite it
+        else:
+            os.replace(temp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        temp.unlink(missing_ok=True)
 
 
 def safe_target(dest: Path, relative: str) -> Path:

@@ -1,24 +1,46 @@
-"""Training: TRL's SFTTrainer with the contract's hyperparameters, logging one line per step."""
+"""Training: TRL's SFTTrainer with the contract's hyperparameters, logging one line per step, committing
+checkpoints to OUTPUT_URI and stopping cleanly on SIGTERM."""
 
 import json
 import logging
 import resource
+import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from job import logs
+from job import distributed, logs, preemption
+from job.context import ADAPTER, TRAIN_LOG, Run
 
 log = logging.getLogger(__name__)
 
 
-def sft_config(settings, checkpoints: Path, backend: str, has_eval: bool):
-    import torch
+@dataclass
+class Metrics:
+    """What training measured; metrics.json and the report show it."""
+
+    steps: int
+    epochs: float
+    train_loss: float | None
+    first_loss: float | None
+    final_loss: float | None
+    eval_loss: float | None
+    tokens: int
+    tokens_per_second: float | None
+    train_seconds: float
+    seconds_to_first_step: float | None
+    peak_gpu_memory_gib: float | None
+    peak_host_memory_gib: float
+    checkpoint_stall_seconds: list[float]
+    stopped_early: bool
+
+
+def sft_config(settings, run: Run, has_eval: bool):
     from trl import SFTConfig
 
-    cuda = torch.cuda.is_available() and not settings.DRY_RUN
-    bf16 = cuda and torch.cuda.is_bf16_supported()
+    cuda, bf16 = run.device.cuda, run.device.bf16
     return SFTConfig(
-        output_dir=str(checkpoints),
+        output_dir=str(run.checkpoints),
         per_device_train_batch_size=settings.PER_DEVICE_BATCH_SIZE,
         per_device_eval_batch_size=settings.PER_DEVICE_BATCH_SIZE,
         gradient_accumulation_steps=settings.GRAD_ACCUM_STEPS,
@@ -36,12 +58,15 @@ def sft_config(settings, checkpoints: Path, backend: str, has_eval: bool):
         max_length=settings.MAX_SEQ_LENGTH,
         packing=settings.PACKING,
         # unsloth checkpoints activations itself (use_gradient_checkpointing="unsloth"); hf needs the trainer's.
-        gradient_checkpointing=cuda and backend == "hf",
+        gradient_checkpointing=cuda and run.backend == "hf",
         gradient_checkpointing_kwargs={"use_reentrant": False},
         eval_strategy="steps" if has_eval else "no",
         eval_steps=0.2,  # a fraction: five evaluations over the run, whatever its length
+        # Checkpoints go to OUTPUT_URI (checkpoints.Uploader), which also prunes them; a SIGTERM saves one
+        # whatever this says (Lifecycle below).
         save_strategy="steps" if settings.CHECKPOINT_EVERY_STEPS else "no",
         save_steps=settings.CHECKPOINT_EVERY_STEPS or 500,
+        save_total_limit=None,
         logging_steps=1,
         include_num_input_tokens_seen="non_padding",
         report_to="none",
@@ -50,64 +75,103 @@ def sft_config(settings, checkpoints: Path, backend: str, has_eval: bool):
     )
 
 
-def train(settings, model, tokenizer, train_ds, eval_ds, out: Path, checkpoints: Path, backend: str) -> dict:
-    """Trains, saves the adapter and tokenizer to out/adapter, writes out/train_log.jsonl; returns metrics."""
+def train(settings, run: Run, model, tokenizer, train_ds, eval_ds, resume: Path | None, uploader, lease) -> Metrics:
+    """Trains (from the checkpoint `resume` when given), committing checkpoints through uploader (rank 0);
+    saves the adapter and tokenizer to the stage's adapter/ and writes its train_log.jsonl. Stops early,
+    with a checkpoint, on SIGTERM or when the lease is lost (Metrics.stopped_early)."""
     import torch
     from transformers import PrinterCallback, ProgressCallback
     from trl import SFTTrainer
 
-    if torch.cuda.is_available():
+    if run.device.cuda:
         torch.cuda.reset_peak_memory_stats()
-    step_log = step_logger(out / "train_log.jsonl", main=settings.RANK == 0)
+    step_log = step_logger(run.stage / TRAIN_LOG, run.device.rank_zero, resume)
+    stop = lifecycle(run, uploader, lease, step_log)
     trainer = SFTTrainer(
         model=model,
-        args=sft_config(settings, checkpoints, backend, eval_ds is not None),
+        args=sft_config(settings, run, eval_ds is not None),
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        callbacks=[step_log],
+        callbacks=[step_log, stop],
     )
     # step_log prints progress itself: as log lines in JSON mode, as one tqdm bar in text mode.
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-    result = trainer.train()
+    with preemption.deferred():
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    stopped = stop.stopped
     evals = [row for row in step_log.rows if "eval_loss" in row]
-    if eval_ds is not None and (not evals or evals[-1]["step"] != trainer.state.global_step):
+    if not stopped and eval_ds is not None and (not evals or evals[-1]["step"] != trainer.state.global_step):
         evals.append(trainer.evaluate())  # logged to train_log.jsonl by step_log
-    if trainer.is_world_process_zero():
-        trainer.model.save_pretrained(out / "adapter")
-        tokenizer.save_pretrained(out / "adapter")
+    if run.device.rank_zero and not stopped:
+        trainer.model.save_pretrained(run.stage / ADAPTER)
+        tokenizer.save_pretrained(run.stage / ADAPTER)
     train_losses = [row["loss"] for row in step_log.rows if "loss" in row]
     tokens = int(trainer.state.num_input_tokens_seen)
     runtime = result.metrics["train_runtime"]
-    return {
-        "steps": trainer.state.global_step,
-        "epochs": round(trainer.state.epoch or 0, 4),
-        "train_loss": result.training_loss,
-        "first_loss": train_losses[0] if train_losses else None,
-        "final_loss": train_losses[-1] if train_losses else None,
-        "eval_loss": evals[-1]["eval_loss"] if evals else None,
-        "tokens": tokens,
-        "tokens_per_second": round(tokens / runtime, 1) if runtime else None,
-        "train_seconds": round(runtime, 3),
-        "seconds_to_first_step": step_log.first_step_seconds,
-        "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)
-        if torch.cuda.is_available()
-        else None,
-        "peak_host_memory_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
-    }
+    trained_tokens = tokens - step_log.tokens_before
+    return Metrics(
+        steps=trainer.state.global_step,
+        epochs=round(trainer.state.epoch or 0, 4),
+        train_loss=result.training_loss,
+        first_loss=train_losses[0] if train_losses else None,
+        final_loss=train_losses[-1] if train_losses else None,
+        eval_loss=evals[-1]["eval_loss"] if evals else None,
+        tokens=tokens,
+        tokens_per_second=round(trained_tokens / runtime, 1) if runtime else None,
+        train_seconds=round(runtime, 3),
+        seconds_to_first_step=step_log.first_step_seconds,
+        peak_gpu_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3) if run.device.cuda else None,
+        peak_host_memory_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+        checkpoint_stall_seconds=stop.stalls,
+        stopped_early=stopped,
+    )
 
 
-def step_logger(path: Path, main: bool):
+def lifecycle(run: Run, uploader, lease, step_log):
+    """A TrainerCallback that stops at a step boundary when SIGTERM arrived or the lease was lost (every rank
+    at the same step, with a checkpoint), hands each saved checkpoint with the step log so far to the
+    uploader (rank 0), and times how long each save held training up."""
+    from transformers import TrainerCallback
+
+    class Lifecycle(TrainerCallback):
+        def __init__(self):
+            self.stopped, self.stalls, self.save_started = False, [], None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            stop = preemption.requested() or (lease is not None and lease.lost.is_set())
+            if distributed.any_rank(run.device, stop):
+                control.should_save = control.should_training_stop = self.stopped = True
+            self.save_started = time.perf_counter() if control.should_save else None
+
+        def on_save(self, args, state, control, **kwargs):
+            if self.save_started is not None:
+                self.stalls.append(round(time.perf_counter() - self.save_started, 3))
+            if run.device.rank_zero and uploader is not None:
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                shutil.copyfile(step_log.path, folder / TRAIN_LOG)
+                uploader.submit(folder, state.global_step)
+
+    return Lifecycle()
+
+
+def step_logger(path: Path, main: bool, resumed: Path | None):
     """A TrainerCallback that writes train_log.jsonl and logs each step with loss, learning rate,
-    tokens/s and ETA (as JSON fields in JSON mode); under torchrun, on rank 0 only."""
+    tokens/s and ETA (as JSON fields in JSON mode); under torchrun, on rank 0 only. A resumed run starts
+    from the log its checkpoint carries."""
     from transformers import TrainerCallback
 
     class StepLog(TrainerCallback):
         def __init__(self):
-            self.rows, self.start, self.first_step_seconds = [], time.perf_counter(), None
+            self.path, self.rows, self.first_step_seconds = path, [], None
+            self.start, self.steps_before, self.tokens_before = time.perf_counter(), 0, 0
+            if resumed is not None and (resumed / TRAIN_LOG).is_file():
+                step = int(resumed.name.rsplit("-", 1)[1])
+                rows = [json.loads(line) for line in (resumed / TRAIN_LOG).read_text().splitlines()]
+                self.rows = [row for row in rows if row["step"] <= step]
             if main:
-                path.write_text("")
+                path.write_text("".join(json.dumps(row) + "\n" for row in self.rows))
 
         def write(self, row: dict) -> None:
             self.rows.append(row)
@@ -117,9 +181,11 @@ def step_logger(path: Path, main: bool):
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.start = time.perf_counter()
+            self.steps_before, self.tokens_before = state.global_step, int(state.num_input_tokens_seen)
             self.bar = logs.progress(
-                total=state.max_steps, desc="train", unit="step", disable=not main or logs.is_json()
-            )
+                total=state.max_steps, initial=state.global_step, desc="train", unit="step",
+                disable=not main or logs.is_json(),
+            )  # fmt: skip
 
         def on_step_end(self, args, state, control, **kwargs):
             if self.first_step_seconds is None:
@@ -141,9 +207,9 @@ def step_logger(path: Path, main: bool):
                 "seconds": round(elapsed, 3),
                 "time": round(time.time(), 3),
             }
-            row["tokens_per_second"] = round(row["tokens"] / elapsed, 1) if elapsed else None
+            row["tokens_per_second"] = round((row["tokens"] - self.tokens_before) / elapsed, 1) if elapsed else None
             remaining = state.max_steps - state.global_step
-            row["eta_seconds"] = round(elapsed / max(state.global_step, 1) * remaining, 1)
+            row["eta_seconds"] = round(elapsed / max(state.global_step - self.steps_before, 1) * remaining, 1)
             self.write(row)
             if not main:
                 return

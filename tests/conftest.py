@@ -1,14 +1,20 @@
 """Fixtures: a real S3 server (moto, over HTTP on loopback), tiny real models saved with save_pretrained,
 and a runner for the real entry point as a subprocess."""
 
+import http.client
 import json
 import os
+import random
 import re
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import boto3
@@ -87,24 +93,30 @@ def read_objects(s3, bucket: str, prefix: str = "") -> dict[str, bytes]:
     return {key: s3.get_object(Bucket=bucket, Key=key)["Body"].read() for key in keys}
 
 
+def job_environment(tmp_path: Path, s3_endpoint: str, env: dict) -> dict:
+    """A clean environment for the entry point plus env (a None value removes a variable)."""
+    base = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path),
+        "HF_HUB_OFFLINE": "1",  # the Hub is unreachable here: fail fast instead of retrying
+        "AWS_ENDPOINT_URL_S3": s3_endpoint,
+        "AWS_MAX_ATTEMPTS": "2",
+        "SCRATCH_DIR": str(tmp_path / "scratch"),
+        "LOG_FORMAT": "json",
+        "OMP_NUM_THREADS": "1",  # tiny models gain nothing from threads, and tests run jobs side by side
+        **CREDENTIALS,
+    }
+    return {k: v for k, v in (base | env).items() if v is not None}
+
+
 @pytest.fixture
 def run_job(tmp_path, s3_endpoint):
     """Runs `python entrypoint.py` with a clean environment plus env; returns the CompletedProcess."""
 
     def run(env: dict, cwd: Path | None = None, command: list[str] | None = None) -> subprocess.CompletedProcess:
-        base = {
-            "PATH": os.environ["PATH"],
-            "HOME": str(tmp_path),
-            "HF_HUB_OFFLINE": "1",  # the Hub is unreachable here: fail fast instead of retrying
-            "AWS_ENDPOINT_URL_S3": s3_endpoint,
-            "AWS_MAX_ATTEMPTS": "2",
-            "SCRATCH_DIR": str(tmp_path / "scratch"),
-            "LOG_FORMAT": "json",
-            **CREDENTIALS,
-        }
         return subprocess.run(
             [*(command or [sys.executable]), str(ROOT / "entrypoint.py")],
-            env={k: v for k, v in (base | env).items() if v is not None},
+            env=job_environment(tmp_path, s3_endpoint, env),
             cwd=cwd or tmp_path,
             capture_output=True,
             text=True,
@@ -112,6 +124,23 @@ def run_job(tmp_path, s3_endpoint):
         )
 
     return run
+
+
+@pytest.fixture
+def start_job(tmp_path, s3_endpoint):
+    """Starts `python entrypoint.py` like run_job, its JSON log lines readable from stderr as they come."""
+
+    def start(env: dict, command: list[str] | None = None) -> subprocess.Popen:
+        return subprocess.Popen(
+            [*(command or [sys.executable]), str(ROOT / "entrypoint.py")],
+            env=job_environment(tmp_path, s3_endpoint, env),
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    return start
 
 
 def log_lines(result: subprocess.CompletedProcess) -> list[dict]:
@@ -148,3 +177,127 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+class FaultyProxy:
+    """An S3 endpoint on loopback that forwards every request to upstream (moto) and fails a fraction of them:
+    fault_rate (0 to 1) of the requests fail, each in one of the ways in faults, drawn from a random.Random with
+    a fixed seed. The n-th request's fate is the same in every run; with concurrent transfers, which request
+    comes n-th may differ.
+
+    - "503": 503 SlowDown, "500": 500 InternalError, each with S3's XML error body; "reset": the connection is
+      reset (TCP RST) without an answer, the body unread. All three happen BEFORE the request reaches the
+      store, as S3 does nothing for a request it throttles, so a retry never meets its own earlier write.
+    - "lost": the request is forwarded and the store acts on it, then the connection is reset: a write that
+      landed whose answer never came (a retried conditional write then fails its own condition).
+
+    Also: max_faults caps the faults (None: no cap); faulted counts them by kind; requests lists every request
+    as "METHOD /path?query"; refuse_conditional answers conditional writes (If-Match, If-None-Match) with
+    501 NotImplemented, as stores without them do. Request bodies are read whole (by Content-Length, or HTTP
+    chunked; aws-chunked content passes as it is) and forwarded with a Content-Length."""
+
+    ERRORS = {
+        "503": (503, "SlowDown", "Please reduce your request rate."),
+        "500": (500, "InternalError", "We encountered an internal error. Please try again."),
+        "501": (501, "NotImplemented", "A header you provided implies functionality that is not implemented."),
+    }
+
+    def __init__(self, upstream: str, seed: int = 0):
+        self.upstream = upstream.removeprefix("http://")
+        self.fault_rate, self.faults, self.max_faults, self.faulted = 0.0, ("503", "500", "reset"), None, Counter()
+        self.refuse_conditional, self.requests = False, []
+        self._random, self._lock = random.Random(seed), threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _ProxyHandler)
+        self._server.proxy = self
+        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self):
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self._server.shutdown()
+        self._server.server_close()
+
+    def fault(self, headers) -> str | None:
+        """How this request fails, or None to forward it."""
+        if self.refuse_conditional and ("If-Match" in headers or "If-None-Match" in headers):
+            return "501"
+        with self._lock:
+            if self.max_faults is not None and self.faulted.total() >= self.max_faults:
+                return None
+            if self._random.random() >= self.fault_rate:
+                return None
+            kind = self._random.choice(self.faults)
+            self.faulted[kind] += 1
+            return kind
+
+
+class _ProxyHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive and Expect: 100-continue, as boto3 uses them
+    HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "expect", "te", "trailer"}
+
+    def log_message(self, *args):
+        pass
+
+    def forward(self):
+        proxy: FaultyProxy = self.server.proxy
+        proxy.requests.append(f"{self.command} {self.path}")
+        fault = proxy.fault(self.headers)
+        if fault == "reset":
+            return self.reset()
+        body = self.read_body()
+        if fault in FaultyProxy.ERRORS:
+            status, code, message = FaultyProxy.ERRORS[fault]
+            xml = f"<?xml version='1.0' encoding='UTF-8'?>\n<Error><Code>{code}</Code><Message>{message}</Message>"
+            return self.answer(status, [("Content-Type", "application/xml")], f"{xml}</Error>".encode())
+        upstream = http.client.HTTPConnection(proxy.upstream, timeout=120)
+        try:
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in self.HOP_BY_HOP}
+            upstream.request(self.command, self.path, body=body or None, headers=headers)
+            response = upstream.getresponse()
+            content = response.read()
+        finally:
+            upstream.close()
+        if fault == "lost":
+            return self.reset()
+        self.answer(response.status, response.getheaders(), content)
+
+    do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = forward
+
+    def read_body(self) -> bytes:
+        if "chunked" not in self.headers.get("Transfer-Encoding", "").lower():
+            return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        chunks = []
+        while size := int(self.rfile.readline().split(b";")[0], 16):
+            chunks.append(self.rfile.read(size))
+            self.rfile.readline()
+        while self.rfile.readline().strip():  # trailers, up to the blank line
+            pass
+        return b"".join(chunks)
+
+    def answer(self, status: int, headers: list[tuple[str, str]], content: bytes) -> None:
+        self.send_response_only(status)
+        kept = [(k, v) for k, v in headers if k.lower() not in {"connection", "keep-alive", "transfer-encoding"}]
+        for key, value in kept:
+            self.send_header(key, value)
+        if not any(k.lower() == "content-length" for k, _ in kept):  # a HEAD's stays the object's length
+            self.send_header("Content-Length", str(len(content)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(content)
+
+    def reset(self) -> None:
+        """Drops the connection with a TCP reset: SO_LINGER 0, then the socket closed (not shut down) here."""
+        self.close_connection = True
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.rfile.close()  # the reader holds the socket open; closing it lets close() below close the socket
+        self.connection.close()
+
+
+@pytest.fixture
+def faulty_s3(s3_endpoint):
+    """A FaultyProxy in front of the session's moto server; it passes everything until the test sets
+    fault_rate. Point a Storage at faulty_s3.endpoint."""
+    with FaultyProxy(s3_endpoint) as proxy:
+        yield proxy

@@ -86,6 +86,19 @@ def test_every_file_kind_reads_the_same_rows(tmp_path):
         assert [row for _, row in data.read_rows(str(path), path)] == rows, path.name
 
 
+@pytest.mark.parametrize("name", ["a.jsonl", "b.json", "c.json", "d.csv", "f.jsonl.gz", "g.json.gz", "h.csv.gz"])
+def test_a_byte_order_mark_is_not_part_of_the_data(tmp_path, name):
+    """Excel's "CSV UTF-8" and Windows editors start files with one."""
+    rows = [{"instruction": f"Say {i}", "input": "", "output": str(i)} for i in range(3)]
+    plain = next(p for p in write_all_kinds(tmp_path, rows) if p.name == name)
+    with_bom = tmp_path / "bom" / name
+    with_bom.parent.mkdir()
+    text = (gzip.decompress if name.endswith(".gz") else bytes)(plain.read_bytes())
+    bom = b"\xef\xbb\xbf" + text
+    with_bom.write_bytes(gzip.compress(bom) if name.endswith(".gz") else bom)
+    assert [row for _, row in data.read_rows(str(with_bom), with_bom)] == rows
+
+
 def test_nested_columns_survive_parquet(tmp_path):
     pd.DataFrame([ROWS["messages"]] * 2).to_parquet(tmp_path / "chat.parquet")
     examples, fmt = data.load_examples([("s3://b/chat.parquet", tmp_path / "chat.parquet")], "auto")
@@ -201,3 +214,22 @@ def test_bos_starts_every_sequence_once_when_the_tokenizer_adds_one():
         assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
     [sample] = data.sample_inputs(tok, [data.to_example(ROWS["messages"], "messages")])
     assert sample["input"].startswith("<s>") and sample["input"].count("<s>") == 1
+
+
+def test_check_lengths_counts_rows_that_lose_their_response(tokenizer):
+    examples = [{"prompt": "the quick brown fox " * n, "completion": " jumps over the lazy dog"} for n in (1, 4)]
+    dataset = data.tokenize(tokenizer, examples, responses_only=True)
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    short, long = (mask.index(1) for mask in dataset["assistant_masks"])  # the prompts' lengths in tokens
+    assert short < long < lengths[1]
+    assert data.check_lengths(dataset, max(lengths)) == {"rows": 2, "truncated": 0, "no_trained_tokens": 0}
+    assert data.check_lengths(dataset, long + 1) == {"rows": 2, "truncated": 1, "no_trained_tokens": 0}
+    assert data.check_lengths(dataset, long) == {"rows": 2, "truncated": 1, "no_trained_tokens": 1}
+    assert data.check_lengths(dataset, short + 1)["no_trained_tokens"] == 1
+    problem = (
+        rf"all 2 rows lose their whole response at MAX_SEQ_LENGTH={short} \(the shortest prompt is {short} tokens\)"
+    )
+    with pytest.raises(DatasetInvalid, match=problem + ": raise MAX_SEQ_LENGTH or shorten the prompts"):
+        data.check_lengths(dataset, short)
+    everything = data.tokenize(tokenizer, examples, responses_only=False)
+    assert data.check_lengths(everything, 1) == {"rows": 2, "truncated": 2, "no_trained_tokens": 0}

@@ -1,0 +1,45 @@
+"""Several processes from one container: with NPROC_PER_NODE above 1 (or `gpu`), or NNODES above 1, the job
+starts torchrun itself, in this process, and exits with its ranks' classified code (rank 0's when it
+failed), so that 65, 70, 78 and 143 reach Kubernetes' podFailurePolicy; torchrun's own command exits 1
+whatever its ranks exit with. SIGTERM reaches every rank through torchrun, which waits for them to commit
+their checkpoint (up to TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s by default)."""
+
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+ENTRYPOINT = Path(__file__).resolve().parents[1] / "entrypoint.py"
+
+
+def wanted(settings) -> bool:
+    """True in the container's own process when more than one rank is asked for; never inside torchrun."""
+    return settings.TORCHELASTIC_RUN_ID is None and (settings.NPROC_PER_NODE != "1" or settings.NNODES > 1)
+
+
+def arguments(settings) -> list[str]:
+    """torchrun's command line for the settings (k8s/multi-gpu and k8s/multi-node set them)."""
+    args = [f"--nproc-per-node={settings.NPROC_PER_NODE}", f"--nnodes={settings.NNODES}"]
+    if settings.NNODES == 1:
+        args.append("--standalone")
+    else:  # node 0 hosts the rendezvous; every node of the run names the same id
+        rdzv_id = settings.RUN_ID or settings.RUN_NAME or "finetune-job"
+        args += [f"--node-rank={settings.NODE_RANK}", "--rdzv-backend=c10d", f"--rdzv-endpoint={settings.RDZV_ENDPOINT}",
+                 f"--rdzv-id={rdzv_id}"]  # fmt: skip
+    return [*args, str(ENTRYPOINT)]
+
+
+def torchrun(settings) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    log.info("starting torchrun %s", " ".join(arguments(settings)))
+    try:
+        run(parse_args(arguments(settings)))
+        return 0
+    except ChildFailedError as exc:
+        failed = exc.failures[0] if 0 in exc.failures else exc.failures[min(exc.failures)]
+        return failed.exitcode if failed.exitcode > 0 else 128 - failed.exitcode  # -15: killed by SIGTERM
+    except SignalException as exc:  # torchrun passed the signal to the ranks and waited for them
+        return 128 + int(exc.sigval)
