@@ -23,7 +23,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 # Where pip finds what PyPI lacks (the CPU build of torch): an extra index, or a folder of wheels
-# bind-mounted for the build (shared/CONTAINERS.md); and a CA bundle for a proxy. Build-time only.
+# bind-mounted for the build; and a CA bundle for a proxy. Build-time only.
 ARG PIP_EXTRA_INDEX_URL=
 ARG PIP_FIND_LINKS=
 ARG PIP_CERT=

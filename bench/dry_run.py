@@ -1,6 +1,6 @@
 """`make bench-dry-run`: how long the dry run takes on 1,000 rows, through a local S3 server.
 
-The contract (shared/DESIGN.md, Dry run) asks for under two minutes on two CPU cores. Prints the
+The goal: under two minutes on two CPU cores. Prints the
 wall time of the whole process (imports included) and the seconds of each stage from metrics.json.
 """
 

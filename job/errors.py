@@ -1,4 +1,4 @@
-"""The job's failures, each with the exit code of the contract (shared/DESIGN.md, Exit codes).
+"""The job's failures, each with the exit code of the README's table (Exit codes).
 
 A JobError is a user error: its message is one line that names the variable or file and the fix,
 and the job prints it without a traceback. Anything else is unexpected and exits 1 with one.

@@ -24,8 +24,8 @@ def arguments(settings) -> list[str]:
         args.append("--standalone")
     else:  # node 0 hosts the rendezvous; every node of the run names the same id
         rdzv_id = settings.RUN_ID or settings.RUN_NAME or "finetune-job"
-        args += [f"--node-rank={settings.NODE_RANK}", "--rdzv-backend=c10d", f"--rdzv-endpoint={settings.RDZV_ENDPOINT}",
-                 f"--rdzv-id={rdzv_id}"]  # fmt: skip
+        args += [f"--node-rank={settings.NODE_RANK}", "--rdzv-backend=c10d",
+                 f"--rdzv-endpoint={settings.RDZV_ENDPOINT}", f"--rdzv-id={rdzv_id}"]  # fmt: skip
     return [*args, str(ENTRYPOINT)]
 
 

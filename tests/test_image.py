@@ -6,9 +6,12 @@ Run it with `make image-cpu test-image`.
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import threading
+import uuid
 from pathlib import Path
 
 import pytest
@@ -24,15 +27,18 @@ pytestmark = [
 ]
 
 
-def container(*args: str, env: dict) -> subprocess.CompletedProcess:
+# As users run it: read-only root, uid 10001, only /tmp and /scratch writable.
+LOCKED_DOWN = ("--read-only", "--user", "10001", "--tmpfs", "/tmp", "--tmpfs", "/scratch")
+
+
+def run_command(*args: str, env: dict) -> list[str]:
     runtime = ["--runtime", "runc"] if os.path.basename(ENGINE) == "podman" else []
     flags = [f"--env={k}={v}" for k, v in env.items()]
-    return subprocess.run(
-        [ENGINE, "run", "--rm", *runtime, "--network", "host", *args, *flags, IMAGE],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    return [ENGINE, "run", *runtime, "--network", "host", *args, *flags, IMAGE]
+
+
+def container(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(run_command("--rm", *args, env=env), capture_output=True, text=True, timeout=900)
 
 
 def test_dry_run_in_the_image_read_only_as_uid_10001(s3, s3_endpoint, bucket):
@@ -45,7 +51,7 @@ def test_dry_run_in_the_image_read_only_as_uid_10001(s3, s3_endpoint, bucket):
         "EVAL_FRACTION": "0.05",
         "HF_HUB_OFFLINE": "1",
     }
-    result = container("--read-only", "--user", "10001", "--tmpfs", "/tmp", "--tmpfs", "/scratch", env=env)
+    result = container(*LOCKED_DOWN, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     objects = read_objects(s3, bucket, "runs/")
     [manifest_key] = [k for k in objects if k.endswith("/manifest.json")]
@@ -112,7 +118,65 @@ def test_the_base_job_pod_template_runs_as_written_in_podman(s3, s3_endpoint, bu
         assert user.stdout.strip().startswith("10001")
     finally:
         subprocess.run([podman, "kube", "down", str(tmp_path / "pod.yaml")], capture_output=True)
-    objects = read_objects(s3, bucket, f"runs/{name}/")
-    manifest = json.loads(objects[f"runs/{name}/manifest.json"])
-    assert manifest["run_id"] == name, "RUN_ID comes from the Job's name through the downward API"
-    assert manifest["dry_run"] is True and f"runs/{name}/adapter/adapter_model.safetensors" in objects
+    objects = read_objects(s3, bucket, "runs/")
+    [manifest_key] = [k for k in objects if k.endswith("/manifest.json")]
+    run_id = json.loads(objects[manifest_key])["run_id"]
+    # RUN_NAME comes from the Job's name through the downward API; the hash names what is trained.
+    assert re.fullmatch(rf"{name}-[0-9a-f]{{12}}", run_id), run_id
+    assert manifest_key == f"runs/{run_id}/manifest.json"
+    assert json.loads(objects[manifest_key])["dry_run"] is True
+    assert f"runs/{run_id}/adapter/adapter_model.safetensors" in objects
+
+
+def test_sigterm_in_the_image_commits_a_checkpoint_and_exits_143_then_the_next_container_resumes(
+    s3, s3_endpoint, bucket
+):
+    """`podman kill --signal TERM` reaches the job through tini as a kubelet's SIGTERM does: it stops at a step
+    boundary, commits a checkpoint and exits 143; a new container (a replacement pod) resumes from it."""
+    env = CREDENTIALS | {
+        "AWS_ENDPOINT_URL_S3": s3_endpoint,
+        "DATASET_URI": put(s3, bucket, "data/train.jsonl", DEMO_DATA.read_text()),
+        "OUTPUT_URI": f"s3://{bucket}/runs",
+        "RUN_ID": "preempted",
+        "DRY_RUN": "true",
+        "DRY_RUN_STEPS": "40",
+        "CHECKPOINT_EVERY_STEPS": "5",
+        "LOG_FORMAT": "json",
+        "HF_HUB_OFFLINE": "1",
+    }
+    name = f"finetune-sigterm-{uuid.uuid4().hex[:8]}"
+    process = subprocess.Popen(
+        run_command("--name", name, *LOCKED_DOWN, env=env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    watchdog = threading.Timer(900, lambda: subprocess.run([ENGINE, "kill", name], capture_output=True))
+    watchdog.start()
+    lines, killed = [], False
+    try:
+        for raw in process.stderr:
+            lines.append(raw)
+            if not killed and raw.startswith("{") and json.loads(raw)["message"].startswith("step 12/"):
+                subprocess.run([ENGINE, "kill", "--signal", "TERM", name], check=True, capture_output=True)
+                killed = True
+        code = process.wait(timeout=60)
+    finally:
+        watchdog.cancel()
+        subprocess.run([ENGINE, "rm", "--force", name], capture_output=True)
+    assert killed and code == 143, "".join(lines[-20:])
+    failure = json.loads(read_objects(s3, bucket, "runs/preempted/failure.json")["runs/preempted/failure.json"])
+    assert failure["class"] == "preempted" and failure["exit_code"] == 143
+    step = failure["step"]
+    assert 12 <= step < 40 and f"runs/preempted/checkpoints/step-{step}/COMMITTED.json" in read_objects(
+        s3, bucket, "runs/preempted/checkpoints/"
+    )
+
+    resumed = container(*LOCKED_DOWN, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    logged = [json.loads(line) for line in resumed.stderr.splitlines() if line.startswith("{")]
+    assert [line["resumed_from_step"] for line in logged if "resumed_from_step" in line] == [step]
+    objects = read_objects(s3, bucket, "runs/preempted/")
+    manifest = json.loads(objects.pop("runs/preempted/manifest.json"))
+    assert manifest["dry_run"] is True and [a["resumed_from_step"] for a in manifest["attempts"]] == [None, step]
+    for entry in manifest["files"]:
+        body = objects[f"runs/preempted/{entry['path']}"]
+        assert hashlib.sha256(body).hexdigest() == entry["sha256"] and len(body) == entry["bytes"], entry["path"]
+    assert "runs/preempted/failure.json" not in objects, "the attempt that completed the run removed it"

@@ -11,7 +11,6 @@ import random
 import signal
 import subprocess
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -107,6 +106,12 @@ def reference(run_job, s3, bucket, train_env):
     return outcome(s3, bucket, "reference")
 
 
+def chains(count: int, chain) -> list:
+    """chain(0), ..., chain(count - 1), side by side: each is a run that several processes take in turn."""
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(chain, range(count)))
+
+
 def test_sigterm_at_random_steps_resumes_to_the_uninterrupted_result(start_job, s3, bucket, train_env, reference):
     """Four runs, each stopped by SIGTERM five times (20 in all) and resumed: at random steps, right after a
     checkpoint step (its upload under way), inside gradient accumulation (the signal lands mid-step)."""
@@ -131,14 +136,160 @@ def test_sigterm_at_random_steps_resumes_to_the_uninterrupted_result(start_job, 
         assert resumed_from(lines) == step
         return stops
 
-    with ThreadPoolExecutor(4) as pool:
-        chains = list(pool.map(chain, range(4)))
-    assert sum(len(stops) for stops in chains) >= 16, chains
+    stopped = chains(4, chain)
+    assert sum(len(stops) for stops in stopped) >= 16, stopped
     for index in range(4):
         assert_same_run(outcome(s3, bucket, f"sigterm-{index}"), reference)
         objects = read_objects(s3, bucket, f"runs/sigterm-{index}/")
         manifest = json.loads(objects[f"runs/sigterm-{index}/manifest.json"])
-        assert [a["resumed_from_step"] for a in manifest["attempts"]] == [None, *[s[1] for s in chains[index]]]
+        assert [a["resumed_from_step"] for a in manifest["attempts"]] == [None, *[s[1] for s in stopped[index]]]
         assert f"runs/sigterm-{index}/failure.json" not in objects, "the attempt that completed removed it"
         assert not any("/checkpoints/" in key for key in objects), "checkpoints are deleted once complete"
         assert f"runs/sigterm-{index}/lease.json" not in objects
+
+
+def test_kill_9_during_checkpoint_uploads_never_resumes_an_unmarked_checkpoint(
+    start_job, s3, bucket, train_env, reference
+):
+    """Two runs, each killed five times while a checkpoint uploads (right after a checkpoint step): every
+    next attempt resumes from the newest checkpoint whose marker had landed, and the run completes as if
+    never interrupted."""
+
+    def chain(index: int) -> int:
+        rng, run_id, kills = random.Random(10 + index), f"kill-upload-{index}", 0
+        env, resumed = train_env | {"RUN_ID": run_id}, None
+        while kills < 5:
+            target = ((resumed or 0) // EVERY + 1) * EVERY
+            code, lines = watch(start_job(env), at_step(target), signal.SIGKILL, delay=rng.uniform(0, 0.08))
+            assert resumed_from(lines) == resumed
+            if code == 0:
+                break
+            assert code == -signal.SIGKILL, lines[-5:]
+            kills += 1
+            marked = committed(s3, bucket, run_id)  # every marked checkpoint's files match its marker
+            resumed = marked[-1] if marked else None
+        code, lines = watch(start_job(env), lambda line: False)
+        assert code == 0 and resumed_from(lines) == resumed, lines[-5:]
+        return kills
+
+    kills = chains(2, chain)
+    assert sum(kills) == 10, kills
+    for index in range(2):
+        assert_same_run(outcome(s3, bucket, f"kill-upload-{index}"), reference)
+
+
+def test_kill_9_during_publish_never_leaves_a_manifest_of_missing_or_changed_files(start_job, s3, bucket, train_env):
+    """Ten kills while publishing (two chains side by side): a manifest, once written, lists exactly the objects
+    there with their hashes; the next attempt resumes from the final checkpoint and publishes."""
+
+    def chain(index: int) -> int:
+        rng, runs, kills = random.Random(20 + index), 0, 0
+        while kills < 5:
+            run_id = f"kill-publish-{index}-{runs}"
+            env = train_env | {"RUN_ID": run_id}
+            code, lines = watch(start_job(env), lambda line: line["message"] == "publish: started", signal.SIGKILL,
+                                delay=rng.uniform(0, 0.25))  # fmt: skip
+            if code == 0:  # the kill came after the manifest: a complete run; take a new one
+                runs += 1
+                continue
+            assert code == -signal.SIGKILL, lines[-5:]
+            kills += 1
+            if read_objects(s3, bucket, f"runs/{run_id}/manifest.json"):
+                outcome(s3, bucket, run_id)  # every listed file is there with its hash
+            code, lines = watch(start_job(env), lambda line: False)
+            assert code == 0, lines[-5:]
+            assert resumed_from(lines) in (STEPS, None), "resumed from the final checkpoint, or found complete"
+            outcome(s3, bucket, run_id)
+            runs += 1
+        return kills
+
+    assert chains(2, chain) == [5, 5]
+
+
+def test_two_attempts_at_once_one_trains_the_other_waits_then_exits_75(start_job, run_job, s3, bucket, train_env):
+    env = train_env | {"RUN_ID": "twice", "MAX_STEPS": "200", "CHECKPOINT_EVERY_STEPS": "0"}
+    first = start_job(env)
+    lines = []
+    for raw in first.stderr:  # until the first attempt holds the run and trains
+        lines.append(raw)
+        if '"train: started"' in raw:
+            break
+    second = run_job(env)
+    assert second.returncode == 75, second.stderr[-3000:]
+    assert "is running this run" in error_line(second) and "holds the run; waiting" in second.stderr
+    assert first.wait(timeout=600) == 0, "".join(lines[-5:]) + first.stderr.read()[-3000:]
+    objects = read_objects(s3, bucket, "runs/twice/")
+    assert "runs/twice/failure.json" not in objects and "runs/twice/lease.json" not in objects
+    outcome(s3, bucket, "twice")  # the manifest matches every object: the second attempt wrote nothing
+
+
+def test_a_run_id_trained_otherwise_is_a_configuration_error_naming_the_differences(run_job, s3, bucket):
+    env = {"DRY_RUN": "true", "DATASET_URI": put(s3, bucket, "d.jsonl", jsonl(ROWS[:12])),
+           "OUTPUT_URI": f"s3://{bucket}/runs", "RUN_ID": "mine"}  # fmt: skip
+    assert run_job(env).returncode == 0
+    again = run_job(env | {"MAX_NEW_TOKENS": "7", "CHECKPOINT_EVERY_STEPS": "9", "LOG_FORMAT": "json"})
+    assert again.returncode == 0 and "already complete" in again.stderr, "nothing that is trained changed"
+    changed = run_job(env | {"LORA_R": "8", "LEARNING_RATE": "1e-3"})
+    assert changed.returncode == 78
+    message = error_line(changed)
+    assert "LORA_R=16 there, 8 now" in message and "LEARNING_RATE=0.0002 there, 0.001 now" in message
+    assert "choose a new RUN_ID" in message
+    put(s3, bucket, "d.jsonl", jsonl(ROWS[1:13]))  # the same key, new content
+    assert "the dataset's files differ" in error_line(run_job(env))
+    failure = json.loads(read_objects(s3, bucket, "runs/mine/failure.json").popitem()[1])
+    assert failure["exit_code"] == 78 and failure["class"] == "config_invalid"
+    # Without RUN_ID the new content is a new run, not a conflict.
+    fresh = run_job({k: v for k, v in env.items() if k != "RUN_ID"})
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+
+
+def test_the_output_is_checked_before_any_download(run_job, s3, bucket, tmp_path):
+    dataset = put(s3, bucket, "d.jsonl", jsonl(ROWS[:8]))
+    missing = run_job({"DRY_RUN": "true", "DATASET_URI": dataset, "OUTPUT_URI": "s3://no-such-bucket-q/runs"})
+    assert missing.returncode == 66 and "no-such-bucket-q" in error_line(missing)
+    assert not any(line["stage"] == "inputs" for line in log_lines(missing)), "no download before the output is known"
+    (tmp_path / "a-file").write_text("x")
+    as_file = run_job({"DRY_RUN": "true", "DATASET_URI": dataset, "OUTPUT_URI": str(tmp_path / "a-file")})
+    assert as_file.returncode == 78 and "OUTPUT_URI" in error_line(as_file)
+
+
+def test_transient_storage_faults_during_checkpoints_and_publish_are_retried(start_job, s3, bucket, train_env,
+                                                                            faulty_s3):  # fmt: skip
+    faulty_s3.fault_rate = 0.1
+    env = train_env | {"RUN_ID": "faulty", "AWS_ENDPOINT_URL_S3": faulty_s3.endpoint, "AWS_MAX_ATTEMPTS": "10"}
+    code, lines = watch(start_job(env), lambda line: False)
+    assert code == 0, lines[-5:]
+    assert sum(faulty_s3.faulted.values()) >= 10, faulty_s3.faulted
+    assert any("/checkpoints/" in r and r.startswith("PUT") for r in faulty_s3.requests)
+    outcome(s3, bucket, "faulty")
+
+
+def test_persistent_storage_faults_during_training_exit_75(start_job, s3, bucket, train_env, faulty_s3):
+    env = train_env | {"RUN_ID": "down", "AWS_ENDPOINT_URL_S3": faulty_s3.endpoint}
+
+    def store_goes_down(line):
+        if line["message"].startswith("step 2/"):
+            faulty_s3.fault_rate = 1.0
+        return False
+
+    code, lines = watch(start_job(env), store_goes_down)
+    assert code == 75, lines[-5:]
+    assert "after retries" in lines[-1]["message"] or "unreachable" in lines[-1]["message"], lines[-1]
+    assert "manifest.json" not in str(read_objects(s3, bucket, "runs/down/"))
+
+
+def test_torchrun_started_by_the_job_passes_on_exit_codes_and_sigterm(start_job, run_job, s3, bucket, train_env):
+    """NPROC_PER_NODE=2: the job starts torchrun itself; a dataset error exits 65 (torchrun alone would exit 1);
+    SIGTERM reaches both ranks, which stop at the same step, commit, exit 143, and the next attempt resumes."""
+    bad = run_job({"DRY_RUN": "true", "NPROC_PER_NODE": "2", "OUTPUT_URI": f"s3://{bucket}/runs",
+                   "DATASET_URI": put(s3, bucket, "bad.jsonl", '{"text": "a"}\n{oops\n')})  # fmt: skip
+    assert bad.returncode == 65, bad.stderr[-3000:]
+    env = train_env | {"RUN_ID": "ranks", "NPROC_PER_NODE": "2", "MAX_STEPS": "40"}
+    code, lines = watch(start_job(env), at_step(6))
+    assert code == 143, lines[-5:]
+    failure = json.loads(read_objects(s3, bucket, "runs/ranks/failure.json").popitem()[1])
+    assert failure["class"] == "preempted" and failure["step"] >= 6
+    code, lines = watch(start_job(env), lambda line: False)
+    assert code == 0 and resumed_from(lines) == failure["step"], lines[-5:]
+    manifest = json.loads(read_objects(s3, bucket, "runs/ranks/manifest.json").popitem()[1])
+    assert manifest["world_size"] == 2

@@ -1,0 +1,136 @@
+"""k8s/'s manifests, rendered by kustomize and read by the job's own settings: each variant's pod environment
+is a valid configuration that does what the variant's comments say, and the Job's podFailurePolicy decides
+every exit code the job has."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from job import errors, launch
+from job.settings import read_settings
+from tests.conftest import ROOT
+
+SWEEP = ROOT / "k8s" / "sweep" / "sweep.jsonl"
+DATASET = [{"uri": "s3://my-bucket/datasets/alpaca.jsonl", "etag": "abc", "bytes": 1234}]
+
+
+def render(variant: str) -> dict:
+    """The variant's objects by kind; ConfigMap is the job's configuration (the sweep's is generated beside it)."""
+    kubectl = str(Path(sys.executable).with_name("kubectl"))
+    rendered = subprocess.run([kubectl, "kustomize", str(ROOT / variant)], capture_output=True, text=True)
+    assert rendered.returncode == 0, rendered.stderr
+    docs = yaml.safe_load_all(rendered.stdout)
+    return {doc["kind"]: doc for doc in docs if not doc["metadata"]["name"].startswith("finetune-sweep")}
+
+
+def container(docs: dict) -> dict:
+    return docs["Job"]["spec"]["template"]["spec"]["containers"][0]
+
+
+def pod_environment(docs: dict, index: int = 0) -> dict:
+    """The container's environment in the pod of completion index `index`: the ConfigMap, then env, with the
+    downward API's values as the Job controller sets them (the Job's name, the index)."""
+    job = docs["Job"]
+    env = dict(docs["ConfigMap"]["data"])
+    fields = {
+        "metadata.labels['batch.kubernetes.io/job-name']": job["metadata"]["name"],
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']": str(index),
+    }
+    for var in container(docs).get("env", []):
+        env[var["name"]] = var["value"] if "value" in var else fields[var["valueFrom"]["fieldRef"]["fieldPath"]]
+    if job["spec"].get("completionMode") == "Indexed":
+        env["JOB_COMPLETION_INDEX"] = str(index)
+    if "SWEEP_FILE" in env:  # mounted from the ConfigMap that kustomize generates from this file
+        env["SWEEP_FILE"] = str(SWEEP)
+    return env
+
+
+@pytest.fixture
+def settings_of(monkeypatch, tmp_path):
+    """read_settings() with exactly the given variables as the environment, and no .env."""
+    monkeypatch.chdir(tmp_path)
+
+    def read(env: dict):
+        for name in list(os.environ):
+            monkeypatch.delenv(name)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        return read_settings()
+
+    return read
+
+
+@pytest.mark.parametrize("variant", ["k8s", "k8s/multi-gpu", "k8s/multi-node", "k8s/sweep"])
+def test_each_variant_names_its_run_after_the_job_and_runs_the_jobs_own_entry_point(variant, settings_of):
+    docs = render(variant)
+    env = pod_environment(docs)
+    settings = settings_of(env)  # a misspelled or invalid variable would raise ConfigInvalid (78)
+    assert "RUN_ID" not in env, "a fixed RUN_ID would give a changed configuration the old run's folder"
+    assert docs["Job"]["metadata"]["name"] == settings.RUN_NAME
+    assert settings.run_id(DATASET).startswith(settings.RUN_NAME + "-")
+    # The image's entry point, not a torchrun command: the pod's exit code is the job's, for podFailurePolicy.
+    assert "command" not in container(docs) and "args" not in container(docs)
+    # multi-gpu and multi-node: the job starts torchrun itself, one process per GPU, and exits with rank 0's code.
+    assert launch.wanted(settings) == (variant in ("k8s/multi-gpu", "k8s/multi-node"))
+    assert ("gpu" if launch.wanted(settings) else "1") == settings.NPROC_PER_NODE
+    grace = docs["Job"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    if launch.wanted(settings):  # torchrun must leave the ranks time to commit their checkpoint after SIGTERM
+        assert int(env.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", 30)) < grace
+
+
+def test_multi_node_pods_meet_at_pod_0_as_consecutive_node_ranks(settings_of):
+    docs = render("k8s/multi-node")
+    job, service = docs["Job"], docs["Service"]
+    nodes = job["spec"]["completions"]
+    assert job["spec"]["parallelism"] == nodes, "every node must run at once for the rendezvous"
+    runs = set()
+    for index in range(nodes):
+        settings = settings_of(pod_environment(docs, index))
+        assert (nodes, index, "gpu") == (settings.NNODES, settings.NODE_RANK, settings.NPROC_PER_NODE)
+        runs.add(settings.run_id(DATASET))
+        arguments = launch.arguments(settings)
+        assert f"--rdzv-id={settings.RUN_NAME}" in arguments and f"--nnodes={nodes}" in arguments
+    assert len(runs) == 1, "every node trains the same run"
+    # Indexed pods are named <Job name>-<index> in the Service's subdomain; pod 0 hosts the rendezvous.
+    host, port = settings.RDZV_ENDPOINT.rsplit(":", 1)
+    assert host == f"{job['metadata']['name']}-0.{job['spec']['template']['spec']['subdomain']}"
+    assert service["metadata"]["name"] == job["spec"]["template"]["spec"]["subdomain"]
+    assert int(port) in [p["port"] for p in service["spec"]["ports"]]
+    assert service["spec"]["selector"].items() <= job["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_sweep_indexes_are_distinct_runs_one_per_line(settings_of):
+    docs = render("k8s/sweep")
+    lines = [json.loads(line) for line in SWEEP.read_text().splitlines() if line.strip()]
+    assert docs["Job"]["spec"]["completions"] == docs["Job"]["spec"]["parallelism"] == len(lines)
+    runs = []
+    for index, line in enumerate(lines):
+        settings = settings_of(pod_environment(docs, index))
+        assert all(getattr(settings, name) == value for name, value in line.items()), (index, line)
+        runs.append(settings.run_id(DATASET))
+    assert len(set(runs)) == len(lines), runs
+
+
+def test_pod_failure_policy_decides_every_exit_code_of_the_job():
+    policy = render("k8s")["Job"]["spec"]["podFailurePolicy"]["rules"]
+    codes = {cls.exit_code for cls in vars(errors).values() if isinstance(cls, type) and issubclass(cls, Exception)
+             and hasattr(cls, "exit_code")}  # fmt: skip
+    expected = {1: "Count", 65: "FailJob", 66: "FailJob", 70: "FailJob", 75: "Count", 77: "FailJob",
+                78: "FailJob", 143: "Ignore"}  # fmt: skip
+    assert codes == set(expected), "a new exit code needs its podFailurePolicy decided here and in k8s/base/job.yaml"
+
+    def decision(code: int) -> str:  # the first rule that matches decides; none: the failure counts
+        for rule in policy:
+            on = rule.get("onExitCodes")
+            if on and (code in on["values"]) == (on["operator"] == "In"):
+                return rule["action"]
+        return "Count"
+
+    assert {code: decision(code) for code in expected} == expected
+    # Preemption, eviction and drain are never counted, whatever the exit code (137 after the grace period).
+    assert policy[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
