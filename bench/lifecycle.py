@@ -81,7 +81,7 @@ class Markers(threading.Thread):
             except (OSError, ValueError):
                 continue  # being written or deleted; the next poll sees it whole
             self.seen[step] = {"step": step, "committed_at": mtime, "bytes": sum(f["bytes"] for f in files),
-                               "files": len(files)}  # fmt: skip
+                               "files": len(files), "sizes": {f["path"]: f["bytes"] for f in files}}  # fmt: skip
 
 
 def run_job(name: str, env: dict, out: Path, run_dir: Path, cwd: Path, sigterm_at: int | None = None,
@@ -143,6 +143,13 @@ def read_json(path: Path):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def commit_row(commit: dict, t0: float) -> dict:
+    if "bytes" not in commit:  # committed and deleted between two polls
+        return dict(commit)
+    return {"step": commit["step"], "mb": round(commit["bytes"] / 1e6, 1), "files": commit["files"],
+            "seconds_from_start": round(commit["committed_at"] - t0, 2), "sizes": commit["sizes"]}  # fmt: skip
+
+
 def summarise(result: dict, run_dir: Path) -> dict:
     """What a run's log, metrics.json and failure.json say, with times relative to the process start."""
     t0 = result["started"]
@@ -164,9 +171,7 @@ def summarise(result: dict, run_dir: Path) -> dict:
         "attempts_json": read_json(run_dir / "attempts.json"),
         "killed_at_timeout": result["killed"],
         "checkpoints_before": result["checkpoints_before"],
-        "commits": [{"step": c["step"], "mb": round(c["bytes"] / 1e6, 1), "files": c["files"],
-                     "seconds_from_start": round(c["committed_at"] - t0, 2)} if "bytes" in c else dict(c)
-                    for c in result["commits"]],  # fmt: skip
+        "commits": [commit_row(c, t0) for c in result["commits"]],
         "metrics": {k: metrics.get(k) for k in ("steps", "checkpoint_stall_seconds", "seconds_to_first_step",
                                                  "train_seconds", "tokens_per_second", "peak_gpu_memory_gib",
                                                  "first_loss", "final_loss", "seconds_per_stage", "attempts")}

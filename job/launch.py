@@ -39,7 +39,14 @@ def torchrun(settings) -> int:
         run(parse_args(arguments(settings)))
         return 0
     except ChildFailedError as exc:
-        failed = exc.failures[0] if 0 in exc.failures else exc.failures[min(exc.failures)]
-        return failed.exitcode if failed.exitcode > 0 else 128 - failed.exitcode  # -15: killed by SIGTERM
+        return exit_code(exc.failures)
     except SignalException as exc:  # torchrun passed the signal to the ranks and waited for them
         return 128 + int(exc.sigval)
+
+
+def exit_code(failures: dict) -> int:
+    """The ranks' classified code: rank 0's, unless it only stopped because torchrun stopped it (SIGTERM, after
+    another rank failed first); then the lowest rank's that failed on its own."""
+    codes = {rank: f.exitcode if f.exitcode > 0 else 128 - f.exitcode for rank, f in failures.items()}  # -15: 143
+    own = {rank: code for rank, code in codes.items() if code != 143}
+    return own[min(own)] if own else 143

@@ -115,15 +115,20 @@ class Lease:
             raise TemporaryFailure(f"{self.uri}: another attempt took over this run while this one ran")
 
     def release(self) -> None:
-        """Stops renewing and removes the lease if it is still this attempt's."""
+        """Stops renewing and removes the lease if it is still this attempt's. Never raises: it runs on the
+        way out of every attempt, failed ones included, and an unreachable store only delays the next attempt
+        by LEASE_SECONDS."""
         self._stop.set()
         if self._renewer.is_alive():
             self._renewer.join()
         if self._version is None or self.lost.is_set():
             return
-        current = self.storage.get_bytes(self.uri)
-        if current is not None and current[1] == self._version:
-            self.storage.delete(self.uri)
+        try:
+            current = self.storage.get_bytes(self.uri)
+            if current is not None and current[1] == self._version:
+                self.storage.delete(self.uri)
+        except Exception as exc:
+            log.warning("%s: could not release the lease (%s)", self.uri, str(exc).splitlines()[0][:200])
 
 
 def record_attempt(storage: Storage, run: Run, attempt: dict) -> list[dict]:
