@@ -153,6 +153,7 @@ def attempt(settings: Settings, storage: Storage, run: Run, config: dict, lease)
             timings=timings,
             attempts=publish.attempts(storage, run),
             checkpoints=checkpoints.committed_steps(storage, run),
+            checkpoint_upload_seconds=uploader.seconds,
         )
         publish.write_outputs(run.stage, summary, rows, config)
         publish.publish(storage, run, summary, settings.IMAGE_VERSION)
@@ -185,12 +186,13 @@ def stop_early(run: Run, uploader, lease) -> int:
     with preemption.deferred():
         uploader.drain()
     lease.check()
-    step = max(uploader.committed, default=None)
+    step, seconds = max(uploader.committed, default=None), round(preemption.seconds_since_request(), 1)
     where = f"{run.uri(CHECKPOINTS, f'step-{step}')}" if step else "nowhere (checkpoints are off)"
     raise Preempted(
-        f"stopped by SIGTERM; the checkpoint of step {step} is committed to {where} "
-        f"({preemption.seconds_since_request():.1f} s after the signal): the next attempt resumes from it",
+        f"stopped by SIGTERM; the checkpoint of step {step} is committed to {where} ({seconds} s after the "
+        "signal): the next attempt resumes from it",
         step=step,
+        seconds_after_signal=seconds,
     )
 
 
@@ -240,8 +242,7 @@ def fail(exc: Exception, storage: Storage | None, out: str | None) -> int:
     log.error("%s", message, extra={"fields": {"exit_code": code, "error": kind}})
     record = {"exit_code": code, "class": CLASSES.get(code, "unexpected"), "error": kind,
               "stage": logs.current_stage(), "message": message}  # fmt: skip
-    if getattr(exc, "step", None) is not None:
-        record["step"] = exc.step
+    record |= getattr(exc, "fields", {})
     termination_log = Path("/dev/termination-log")  # Kubernetes mounts this file; elsewhere it is absent
     if termination_log.is_file():
         termination_log.write_text(f"exit {code} {kind}: {message}"[:4000] + "\n")

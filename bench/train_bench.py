@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.synthetic_model import DEMO_DATA, build  # noqa: E402
 from job import data, distributed, model, train  # noqa: E402
+from job.context import Device, Run  # noqa: E402
 from job.settings import Settings  # noqa: E402
 
 WARMUP = 3
@@ -73,23 +74,26 @@ def main() -> int:
         MAX_STEPS=args.steps, WARMUP_STEPS=1, CHECKPOINT_EVERY_STEPS=0, LOG_FORMAT="json", LOAD_IN_4BIT=gpu,
         OPTIMIZER="adamw_8bit" if gpu else "adamw_torch",
     )  # fmt: skip
-    distributed.setup(settings)
-    if settings.LOCAL_RANK == 0 and not path.is_dir():
+    device = Device.detect(settings)
+    distributed.setup(device)
+    if device.local_zero and not path.is_dir():
         build(args.shape, path)
-    distributed.barrier(settings)
-    backend = model.resolve_backend(settings)
+    distributed.barrier(device)
+    backend = model.resolve_backend(settings, device)
     base = model.Base(settings.BASE_MODEL)
     tokenizer = model.load_tokenizer(settings, base, [])
     # Rows long enough to be cut at --seq tokens: every sequence is full, as in the measured stack.
     rows = synthetic_rows(args.steps * args.batch * settings.WORLD_SIZE + 8, words=args.seq * 2)
     dataset = data.tokenize(tokenizer, rows, responses_only=False)
-    lm = model.load(settings, base, tokenizer, backend)
-    with tempfile.TemporaryDirectory() as out:
-        metrics = train.train(settings, lm, tokenizer, dataset, None, Path(out), Path(out) / "ckpt", backend)
-        distributed.teardown(settings)
-        if settings.RANK != 0:  # rank 0 alone writes the step log
+    lm = model.load(settings, device, base, tokenizer, backend)
+    with tempfile.TemporaryDirectory() as scratch:
+        run = Run.build(settings.model_copy(update={"SCRATCH_DIR": scratch}), "bench", device, backend)
+        run.stage.mkdir(parents=True)
+        metrics = train.train(settings, run, lm, tokenizer, dataset, None, resume=None, uploader=None, lease=None)
+        distributed.teardown(device)
+        if not device.rank_zero:  # rank 0 alone writes the step log
             return 0
-        log = [json.loads(line) for line in (Path(out) / "train_log.jsonl").read_text().splitlines()]
+        log = [json.loads(line) for line in (run.stage / "train_log.jsonl").read_text().splitlines()]
     steps = [r for r in log if "loss" in r]
     # Per step, from consecutive log rows: (seconds per step, tokens per second). Rows can be more than one
     # step apart, so seconds are divided by the steps between them.
@@ -110,12 +114,12 @@ def main() -> int:
     result = {
         "shape": args.shape, "backend": backend, "gpus": settings.WORLD_SIZE, "seq": args.seq, "batch": args.batch,
         "steps_timed": len(spans), "seconds_per_step": round(step_seconds, 4),
-        "tokens_per_second": round(tokens_per_second), "peak_gpu_gib": metrics["peak_gpu_memory_gib"],
+        "tokens_per_second": round(tokens_per_second), "peak_gpu_gib": metrics.peak_gpu_memory_gib,
         "seconds_to_first_step": round(steps[0]["time"] - START, 1), "parameters": parameters,
         "mfu": round(tokens_per_second * 4 * parameters / (peak * 1e12 * settings.WORLD_SIZE), 4) if peak else None,
         "matmul_peak_tflops": round(peak, 1) if peak else None,
         "gpu": torch.cuda.get_device_name() if peak else "cpu",
-        "torch": torch.__version__, "final_loss": metrics["final_loss"],
+        "torch": torch.__version__, "final_loss": metrics.final_loss,
         "logged": [(r["step"], r["tokens"], round(r["loss"], 3), r["seconds"]) for r in steps],
     }  # fmt: skip
     print("BENCH " + json.dumps(result), flush=True)

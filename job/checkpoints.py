@@ -83,23 +83,23 @@ class Uploader:
             folder, step = self._queue.get()
             try:
                 if self.error is None:
-                    start = time.perf_counter()
                     self._commit(folder, step)
-                    self.seconds.append(round(time.perf_counter() - start, 3))
             except Exception as exc:  # raised in the main thread by drain()
                 self.error = exc
             finally:
                 self._queue.task_done()
 
     def _commit(self, folder: Path, step: int) -> None:
-        uri = self.run.uri(CHECKPOINTS, f"step-{step}")
+        start, uri = time.perf_counter(), self.run.uri(CHECKPOINTS, f"step-{step}")
         files = [describe_file(p, p.relative_to(folder).as_posix()) for p in sorted(folder.rglob("*")) if p.is_file()]
         self.storage.delete(join(uri, MARKER))  # a step committed before (by an attempt that went on): recommit
         self.storage.delete_tree(uri)  # and whatever an interrupted upload of this step left
         self.storage.put_tree(folder, uri)
         self.storage.put_bytes(json.dumps({"step": step, "files": files}, indent=1).encode(), join(uri, MARKER))
         self.committed.append(step)
-        log.info("checkpoint step-%d committed to %s", step, uri, extra={"fields": {"checkpoint_step": step}})
+        self.seconds.append(round(time.perf_counter() - start, 3))
+        log.info("checkpoint step-%d committed to %s in %.1f s", step, uri, self.seconds[-1],
+                 extra={"fields": {"checkpoint_step": step, "upload_seconds": self.seconds[-1]}})  # fmt: skip
         shutil.rmtree(folder, ignore_errors=True)
         for old in committed_steps(self.storage, self.run)[: -self.keep]:
             self.delete(old)

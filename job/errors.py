@@ -46,10 +46,11 @@ class ConfigInvalid(JobError):
 
 
 class Preempted(JobError):
-    """SIGTERM: the run stopped at a step boundary after committing a checkpoint (step), or outside training."""
+    """SIGTERM: the run stopped at a step boundary after committing a checkpoint, or outside training.
+    fields (the step committed, the seconds it took) go into failure.json."""
 
     exit_code = 143
 
-    def __init__(self, message: str, step: int | None = None):
+    def __init__(self, message: str, **fields):
         super().__init__(message)
-        self.step = step
+        self.fields = fields

@@ -36,6 +36,7 @@ class Summary:
     timings: dict[str, float]
     attempts: list[dict]
     checkpoints: list[int]  # committed steps at publish; deleted once the manifest is written
+    checkpoint_upload_seconds: list[float]  # this attempt's, one per checkpoint
 
 
 def attempts(storage: Storage, run: Run) -> list[dict]:
@@ -46,7 +47,11 @@ def attempts(storage: Storage, run: Run) -> list[dict]:
 def write_outputs(stage: Path, summary: Summary, samples: list[dict], config: dict) -> None:
     """samples.jsonl, metrics.json, config.json, attempts.json, loss.png and report.md beside the adapter."""
     (stage / "samples.jsonl").write_text("".join(json.dumps(row) + "\n" for row in samples))
-    metrics = asdict(summary.metrics) | {"seconds_per_stage": summary.timings, "attempts": summary.attempts}
+    metrics = asdict(summary.metrics) | {
+        "checkpoint_upload_seconds": summary.checkpoint_upload_seconds,
+        "seconds_per_stage": summary.timings,
+        "attempts": summary.attempts,
+    }
     (stage / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (stage / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     (stage / ATTEMPTS).write_text(json.dumps(summary.attempts, indent=1) + "\n")

@@ -76,23 +76,25 @@ def test_a_structured_task_is_learned_through_the_entry_point(tmp_path, small_mo
 def test_the_saved_adapter_answers_as_the_model_in_memory_and_only_lora_moves(tmp_path, small_model, backend):
     """In this process: train, then compare."""
     from job import data, model, samples, train
+    from job.context import Device, Run
     from job.settings import Settings
 
     settings = Settings(DATASET_URI="x", OUTPUT_URI="y", BASE_MODEL=str(small_model), TRAIN_BACKEND=backend,
-                        **{k: v for k, v in LEARN.items() if k != "MAX_STEPS"}, MAX_STEPS=30)  # fmt: skip
-    backend = model.resolve_backend(settings)
+                        SCRATCH_DIR=str(tmp_path), **{k: v for k, v in LEARN.items() if k != "MAX_STEPS"},
+                        MAX_STEPS=30)  # fmt: skip
+    device = Device.detect(settings)
+    run = Run.build(settings, backend, device, model.resolve_backend(settings, device))
     base = model.Base(str(small_model))
     tokenizer = model.load_tokenizer(settings, base, [])
     tokenizer.chat_template = data.TEMPLATES["alpaca"]
     examples = [data.to_example(row, "alpaca") for row in TASK]
-    lm = model.load(settings, base, tokenizer, backend)
+    lm = model.load(settings, device, base, tokenizer, backend)
     named = dict(lm.named_parameters())
     lora_before = {n: p.detach().float().clone() for n, p in named.items() if "lora_" in n}
     base_before = {n: p.detach().clone() for n, p in named.items() if "lora_" not in n}
-    out = tmp_path / "out"
-    out.mkdir()
+    run.stage.mkdir(parents=True)
     dataset = data.tokenize(tokenizer, examples, responses_only=True)
-    train.train(settings, lm, tokenizer, dataset, None, out, tmp_path / "ckpt", backend)
+    train.train(settings, run, lm, tokenizer, dataset, None, resume=None, uploader=None, lease=None)
 
     named = dict(lm.named_parameters())
     # float(): the trainer may recast the adapters (TRL keeps QLoRA adapters in bf16).
@@ -106,7 +108,7 @@ def test_the_saved_adapter_answers_as_the_model_in_memory_and_only_lora_moves(tm
         FastLanguageModel.for_inference(lm)
     lm.eval()
     in_memory = samples._generate(lm, tokenizer, [i["input"] for i in inputs], 16, "in memory")
-    reloaded = samples.generate(lm, tokenizer, out / "adapter", inputs, 16, backend)
+    reloaded = samples.generate(lm, tokenizer, run.stage / "adapter", inputs, 16, backend)
     assert [r["response"] for r in reloaded] == in_memory
 
 

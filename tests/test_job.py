@@ -82,7 +82,7 @@ def test_dry_run_publishes_the_full_layout_for_every_format(run_job, s3, bucket,
     assert len(samples) == 3 and all({"prompt", "response", "base_response", "reference"} <= s.keys() for s in samples)
     metrics = json.loads(files["metrics.json"])
     assert metrics["steps"] == 3 and metrics["eval_loss"] > 0 and metrics["tokens"] > 0
-    assert set(metrics["seconds_per_stage"]) == {"inputs", "data", "model", "train", "samples"}
+    assert set(metrics["seconds_per_stage"]) == {"resume", "inputs", "data", "model", "train", "samples"}
     assert f"{fmt}" in files["report.md"].decode() and files["loss.png"].startswith(b"\x89PNG")
     steps = [json.loads(line) for line in files["train_log.jsonl"].decode().splitlines()]
     assert [s["step"] for s in steps if "loss" in s] == [1, 2, 3]
@@ -114,11 +114,12 @@ def test_rerun_of_a_complete_run_exits_at_once_and_writes_nothing(run_job, s3, b
 
 
 def test_a_run_that_failed_then_succeeds_keeps_no_failure_record(run_job, s3, bucket):
-    env = {"DRY_RUN": "true", "DATASET_URI": put(s3, bucket, "d.jsonl", '{"text": oops}\n'),
-           "OUTPUT_URI": f"s3://{bucket}/runs", "RUN_ID": "retried"}  # fmt: skip
-    assert run_job(env).returncode == 65
+    env = {"DRY_RUN": "true", "DATASET_URI": put(s3, bucket, "d.jsonl", jsonl(DEMO_ROWS[:12])),
+           "SAMPLE_PROMPTS_URI": f"s3://{bucket}/prompts.jsonl", "OUTPUT_URI": f"s3://{bucket}/runs",
+           "RUN_ID": "retried"}  # fmt: skip
+    assert run_job(env).returncode == 66
     assert "runs/retried/failure.json" in read_objects(s3, bucket, "runs/")
-    put(s3, bucket, "d.jsonl", jsonl(DEMO_ROWS[:12]))  # the user fixes the data and the Job retries
+    put(s3, bucket, "prompts.jsonl", jsonl([{"prompt": "Hi"}]))  # the user uploads the prompts; the Job retries
     result = run_job(env)
     assert result.returncode == 0, result.stderr[-3000:]
     objects = read_objects(s3, bucket, "runs/")
@@ -229,17 +230,18 @@ def bad_runs(s3, bucket, tmp_path):
 def test_bad_inputs_exit_with_their_code_and_one_clear_line(run_job, s3, bucket, tmp_path, code):
     cases, out = bad_runs(s3, bucket, tmp_path)
     assert len(cases[code]) >= 2 or code == 75
-    for env, expected in cases[code]:
-        result = run_job({"DRY_RUN": "true", "OUTPUT_URI": out} | env)
+    for i, (env, expected) in enumerate(cases[code]):
+        # A run of its own for each case: one RUN_ID with another dataset would be a 78 (test_lifecycle).
+        result = run_job({"DRY_RUN": "true", "OUTPUT_URI": out, "RUN_ID": f"case-{i}"} | env)
         assert result.returncode == code, (env, result.stderr[-3000:])
         message = error_line(result)
         assert expected in message and "\n" not in message, (env, message)
         assert "Traceback" not in result.stderr
         if code in (65, 66):
-            failures = [k for k in read_objects(s3, bucket, "runs/") if k.endswith("failure.json")]
-            assert failures, "failure.json is written when the output is reachable"
-            record = json.loads(read_objects(s3, bucket, failures[0])[failures[0]])
-            assert record["exit_code"] == code and record["message"]
+            failure = read_objects(s3, bucket, f"runs/case-{i}/failure.json")
+            assert failure, "failure.json is written when the output is reachable"
+            record = json.loads(failure.popitem()[1])
+            assert record["exit_code"] == code and record["message"] == message
 
 
 def test_unreachable_storage_while_connections_drop_is_temporary(run_job, tmp_path):

@@ -126,6 +126,7 @@ def test_sigterm_at_random_steps_resumes_to_the_uninterrupted_result(start_job, 
             assert code == 143, lines[-5:]
             failure = json.loads(read_objects(s3, bucket, f"runs/sigterm-{index}/failure.json").popitem()[1])
             assert failure["class"] == "preempted" and failure["exit_code"] == 143
+            assert 0 <= failure["seconds_after_signal"] < 60, failure
             assert failure["step"] >= target and failure["step"] in committed(s3, bucket, f"sigterm-{index}")
             stops.append((target, failure["step"], resumed_from(lines)))
             assert resumed_from(lines) == (stops[-2][1] if len(stops) > 1 else None)
@@ -180,28 +181,33 @@ def test_kill_9_during_checkpoint_uploads_never_resumes_an_unmarked_checkpoint(
 
 
 def test_kill_9_during_publish_never_leaves_a_manifest_of_missing_or_changed_files(start_job, s3, bucket, train_env):
-    """Ten kills while publishing (two chains side by side): a manifest, once written, lists exactly the objects
-    there with their hashes; the next attempt resumes from the final checkpoint and publishes."""
+    """Ten kills while publishing (two chains side by side, each killing the attempts of a run in turn): a
+    manifest, once written, lists exactly the objects there with their hashes; the next attempt resumes from
+    the newest committed checkpoint and publishes."""
 
     def chain(index: int) -> int:
-        rng, runs, kills = random.Random(20 + index), 0, 0
+        rng, runs, kills, resumed = random.Random(20 + index), 0, 0, None
         while kills < 5:
             run_id = f"kill-publish-{index}-{runs}"
-            env = train_env | {"RUN_ID": run_id}
-            code, lines = watch(start_job(env), lambda line: line["message"] == "publish: started", signal.SIGKILL,
+            code, lines = watch(start_job(train_env | {"RUN_ID": run_id}),
+                                lambda line: line["message"] == "publish: started", signal.SIGKILL,
                                 delay=rng.uniform(0, 0.25))  # fmt: skip
-            if code == 0:  # the kill came after the manifest: a complete run; take a new one
-                runs += 1
+            assert resumed_from(lines) == resumed
+            if code == 0:  # the kill came after the manifest, or found the run complete: take a new run
+                outcome(s3, bucket, run_id)
+                runs, resumed = runs + 1, None
                 continue
             assert code == -signal.SIGKILL, lines[-5:]
             kills += 1
             if read_objects(s3, bucket, f"runs/{run_id}/manifest.json"):
                 outcome(s3, bucket, run_id)  # every listed file is there with its hash
-            code, lines = watch(start_job(env), lambda line: False)
-            assert code == 0, lines[-5:]
-            assert resumed_from(lines) in (STEPS, None), "resumed from the final checkpoint, or found complete"
-            outcome(s3, bucket, run_id)
-            runs += 1
+                runs, resumed = runs + 1, None
+                continue
+            marked = committed(s3, bucket, run_id)
+            resumed = marked[-1] if marked else None
+        code, lines = watch(start_job(train_env | {"RUN_ID": f"kill-publish-{index}-{runs}"}), lambda line: False)
+        assert code == 0 and resumed_from(lines) == resumed, lines[-5:]
+        outcome(s3, bucket, f"kill-publish-{index}-{runs}")
         return kills
 
     assert chains(2, chain) == [5, 5]
