@@ -129,7 +129,10 @@ def attempt(settings: Settings, storage: Storage, run: Run, config: dict, lease)
         rows = samples.generate(lm, tokenizer, run.stage / ADAPTER, sample_inputs, settings.MAX_NEW_TOKENS, run.backend)
 
     with logs.stage("publish", timings):
-        uploader.drain()  # the last checkpoints, so that the manifest can say what became of them
+        with preemption.deferred():  # the last checkpoints, so that the manifest can say what became of them
+            uploader.drain()
+        if preemption.requested():  # during samples or the wait: a resume from the final step only publishes
+            return stop_early(run, uploader, lease)
         lease.check()
         summary = publish.Summary(
             run_id=run.id,

@@ -305,3 +305,16 @@ def test_torchrun_started_by_the_job_passes_on_exit_codes_and_sigterm(start_job,
     assert committed(s3, bucket, "ranks")[-1] == failure["step"]
     stops = [line for line in lines if line["message"].startswith("stopped by SIGTERM")]
     assert {line["stage"].split(", ")[-1] for line in stops} == {"rank 0", "rank 1"}, "both ranks stopped"
+
+
+def test_sigterm_during_publish_leaves_no_manifest_and_the_next_attempt_publishes(start_job, s3, bucket, train_env):
+    env = train_env | {"RUN_ID": "publish-stopped"}
+    code, lines = watch(start_job(env), lambda line: line["message"] == "publish: started")
+    assert code == 143, lines[-5:]
+    objects = read_objects(s3, bucket, "runs/publish-stopped/")
+    assert "runs/publish-stopped/manifest.json" not in objects
+    assert json.loads(objects["runs/publish-stopped/failure.json"])["class"] == "preempted"
+    assert committed(s3, bucket, "publish-stopped")[-1] == STEPS, "the final checkpoint is committed before publish"
+    code, lines = watch(start_job(env), lambda line: False)
+    assert code == 0 and resumed_from(lines) == STEPS, lines[-5:]
+    outcome(s3, bucket, "publish-stopped")
