@@ -19,7 +19,7 @@ from dotenv import dotenv_values
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from job.errors import ConfigInvalid
+from job.errors import ConfigInvalid, redact
 
 # What determines the trained adapter: the default RUN_ID hashes these (and the dataset's identity, which the
 # caller supplies). Every setting is in exactly one of the two sets; a test fails when one is added to neither.
@@ -293,11 +293,6 @@ class Settings(BaseSettings):
         return self.model_dump(mode="json")
 
 
-def _redact(text: str) -> str:
-    """The text without a URI's user:password@ or ?query (a presigned URL's signature)."""
-    return re.sub(r"\?\S*", "", re.sub(r"//[^/@\s]*@", "//", text))
-
-
 def _describe(error: dict) -> str:
     message = error["msg"].removeprefix("Value error, ")
     if not error["loc"]:  # a check of several settings together; its message names them
@@ -307,7 +302,7 @@ def _describe(error: dict) -> str:
         return f"{name} is required: {FIXES.get(name, 'set it')}"
     value = error["input"]
     secret = "SecretStr" in str(Settings.model_fields[name].annotation)
-    shown = "" if secret else f" (got {_redact(value) if isinstance(value, str) else value!r})"
+    shown = "" if secret else f" (got {redact(value) if isinstance(value, str) else value!r})"
     return f"{name}{shown}: {message}" + (f"; {FIXES[name]}" if name in FIXES else "")
 
 

@@ -232,7 +232,7 @@ def test_an_address_error_never_shows_credentials_or_a_signature(env):
         **REQUIRED
         | {"DATASET_URI": "https://user:pass@host/x.jsonl?sig=abc", "OUTPUT_URI": "s3://user:tok@bucket/x?X-Sig=1"}
     )
-    message = fails("DATASET_URI (got 'https://host/x.jsonl')", "OUTPUT_URI")
+    message = fails("DATASET_URI (got 'https://***@host/x.jsonl?***')", "OUTPUT_URI")
     assert "pass" not in message and "sig=abc" not in message and "tok" not in message and "X-Sig" not in message
 
 
