@@ -1,0 +1,122 @@
+"""PACKING=true keeps rows apart: the job's own trainer configuration (TRL's bfd packing and its padding-free
+collator) on a tiny Llama with LoRA, checked on one packed batch from the trainer's own dataloader, on CPU."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.conftest import DEMO_DATA
+
+# float32 on CPU. Measured: 0 for the isolation and for trainer.compute_loss packed against padded; the per-token
+# losses packed against padded differ by up to 4.8e-6 (sdpa sums in another order).
+TOLERANCE = 1e-5
+
+
+@pytest.fixture
+def one_thread():
+    """A tiny model's matmuls gain nothing from threads, and beside other work they wait on each other: a forward
+    here took 0.6 s with 2 threads on a loaded 2-core machine, 0.02 s with 1."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def per_token_losses(model, batch: dict) -> torch.Tensor:
+    """The loss of every token given the ones before it (the target is the next input id, trained or not): [B, T-1]."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        # use_cache=False, as TRL's compute_loss passes it: with a KV cache transformers skips its packed-sequence
+        # detection from position_ids (masking_utils._preprocess_mask_arguments) and rows would see each other.
+        logits = model(**inputs, use_cache=False).logits[:, :-1].float()
+    return F.cross_entropy(logits.transpose(1, 2), batch["input_ids"][:, 1:], reduction="none")
+
+
+def test_packed_rows_train_as_if_alone(tiny_model_dir, tmp_path, monkeypatch, one_thread):
+    from trl import SFTTrainer
+
+    from job import data, model, train
+    from job.context import Device, Run
+    from job.settings import Settings
+
+    # CPU even on the GPU host: the 1e-5 tolerance is float32's; the job's bf16 path on a GPU is a test of its own.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    # The demo rows are 96-132 tokens: 400 packs three to a sequence, and the default micro-batch of 2 flattens two
+    # sequences into one row of six.
+    settings = Settings(
+        DATASET_URI="x", OUTPUT_URI="y", BASE_MODEL=str(tiny_model_dir), SCRATCH_DIR=str(tmp_path), PACKING=True,
+        TRAIN_BACKEND="hf", LOAD_IN_4BIT=False, OPTIMIZER="adamw_torch", DRY_RUN=False, MAX_SEQ_LENGTH=400,
+    )  # fmt: skip
+    device = Device.detect(settings)
+    run = Run.build(settings, "packing", device, "hf")
+    base = model.Base(str(tiny_model_dir))
+    examples, _ = data.load_examples([("demo", DEMO_DATA)], "alpaca")
+    tokenizer = model.load_tokenizer(settings, base, examples)
+    tokenizer.chat_template = data.TEMPLATES["alpaca"]
+    dataset = data.tokenize(tokenizer, examples, responses_only=True)
+    lm = model.load(settings, device, base, tokenizer, "hf")
+    torch.manual_seed(0)
+    for name, param in lm.named_parameters():
+        if "lora_B" in name:  # fresh adapters start at B = 0 and would add nothing to any check below
+            param.data.normal_(0, 0.1)
+    # The sampler is random but seeded by SEED at the trainer's start, so the batch is the same every run.
+    trainer = SFTTrainer(
+        model=lm,
+        args=train.sft_config(settings, run, has_eval=False),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    lm.eval()
+
+    # 1. Padding-free: the rows side by side in one row, told apart by position_ids alone.
+    assert sorted(batch) == ["input_ids", "labels", "position_ids"]
+    ids, labels, positions = batch["input_ids"][0], batch["labels"][0], batch["position_ids"][0]
+    starts = (positions == 0).nonzero().view(-1).tolist()
+    rows = list(zip(starts, [*starts[1:], len(positions)]))
+    assert batch["input_ids"].shape[0] == 1 and starts[0] == 0 and len(rows) == 6
+    for start, end in rows:
+        assert torch.equal(positions[start:end], torch.arange(end - start))
+
+    # 2. Responses only, row by row: each packed row is one of tokenize's rows whole (a KeyError: cut or merged),
+    # trained exactly where its assistant_masks says; the first token of each row (the one after a boundary) is not.
+    masks = {tuple(row["input_ids"]): row["assistant_masks"] for row in dataset}
+    for start, end in rows:
+        mask = torch.tensor(masks[tuple(ids[start:end].tolist())], dtype=torch.bool)
+        assert mask.any() and labels[start] == -100
+        assert torch.equal(labels[start:end], torch.where(mask, ids[start:end], -100))
+
+    # 3. Every token of a middle row changed: no other row's loss moves (losses change by about 7 inside it).
+    start, end = rows[len(rows) // 2]
+    changed = dict(batch, input_ids=ids.clone()[None])
+    changed["input_ids"][0, start:end] = (ids[start:end] + torch.randint(1, len(tokenizer), (end - start,))) % len(
+        tokenizer
+    )
+    assert (changed["input_ids"][0, start:end] != ids[start:end]).all()
+    others = positions[1:] != 0  # predictions within a row: not the first token of a row from the last of another
+    others[start:end] = False  # predictions made inside the changed row
+    before, after = per_token_losses(lm, batch)[0], per_token_losses(lm, changed)[0]
+    assert (after - before)[others].abs().max() <= TOLERANCE
+    assert (after - before)[start : end - 1].abs().max() > 1
+
+    # 4. The trainer's loss (mean over trained tokens) of the packed batch is that of the same rows padded apart.
+    width = max(end - start for start, end in rows)
+    padded = {
+        "input_ids": torch.full((len(rows), width), tokenizer.pad_token_id),
+        "attention_mask": torch.zeros(len(rows), width, dtype=torch.long),
+        "labels": torch.full((len(rows), width), -100),
+    }
+    for i, (start, end) in enumerate(rows):
+        padded["input_ids"][i, : end - start] = ids[start:end]
+        padded["attention_mask"][i, : end - start] = 1
+        padded["labels"][i, : end - start] = labels[start:end]
+    with torch.no_grad():  # compute_loss adds use_cache to its inputs: each call gets a copy
+        packed_loss = trainer.compute_loss(lm, dict(batch)).item()
+        padded_loss = trainer.compute_loss(lm, padded).item()
+    assert abs(packed_loss - padded_loss) <= TOLERANCE
+
+    # 5. The check can fail: an all-ones attention_mask (packed detection needs none given), or positions that do
+    # not restart, lets the rows after the changed one see it (measured: losses move by about 8).
+    for broken in ({"attention_mask": torch.ones_like(batch["input_ids"])}, {"position_ids": torch.arange(len(ids))[None]}):
+        moved = per_token_losses(lm, changed | broken)[0] - per_token_losses(lm, batch | broken)[0]
+        assert moved[others].abs().max() > 1, sorted(broken)
