@@ -154,7 +154,7 @@ def attempt(settings: Settings, storage: Storage, run: Run, config: dict, lease)
             samples_seen_in_training=not inputs.sample_prompts and not held_out,
             metrics=metrics,
             timings=timings,
-            attempts=publish.attempts(storage, run),
+            attempts=runs.attempts(storage, run),
             checkpoints=checkpoints.committed_steps(storage, run),
             checkpoint_upload_seconds=uploader.seconds,
         )

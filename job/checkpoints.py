@@ -63,7 +63,6 @@ class Uploader:
     def __init__(self, storage: Storage, run: Run, keep: int):
         self.storage, self.run, self.keep = storage, run, keep
         self.committed: list[int] = []  # steps this attempt committed
-        self.deleted: list[int] = []  # older steps it deleted
         self.seconds: list[float] = []  # upload time per checkpoint
         self.error: Exception | None = None
         self._queue: queue.Queue = queue.Queue()
@@ -108,4 +107,3 @@ class Uploader:
         uri = self.run.uri(CHECKPOINTS, f"step-{step}")
         self.storage.delete(join(uri, MARKER))  # uncommitted first, so no attempt resumes from a half-deleted one
         self.storage.delete_tree(uri)
-        self.deleted.append(step)

@@ -39,11 +39,6 @@ class Summary:
     checkpoint_upload_seconds: list[float]  # this attempt's, one per checkpoint
 
 
-def attempts(storage: Storage, run: Run) -> list[dict]:
-    found = storage.get_bytes(run.uri(ATTEMPTS))
-    return json.loads(found[0]) if found else []
-
-
 def write_outputs(stage: Path, summary: Summary, samples: list[dict], config: dict) -> None:
     """samples.jsonl, metrics.json, config.json, attempts.json, loss.png and report.md beside the adapter."""
     (stage / "samples.jsonl").write_text("".join(json.dumps(row) + "\n" for row in samples))

@@ -131,9 +131,13 @@ class Lease:
             log.warning("%s: could not release the lease (%s)", self.uri, str(exc).splitlines()[0][:200])
 
 
-def record_attempt(storage: Storage, run: Run, attempt: dict) -> list[dict]:
-    """Appends this attempt to the run's attempts.json; returns every attempt so far, this one last."""
+def attempts(storage: Storage, run: Run) -> list[dict]:
+    """The run's attempts so far (attempts.json), oldest first."""
     found = storage.get_bytes(run.uri(ATTEMPTS))
-    attempts = [*(json.loads(found[0]) if found else []), attempt]
-    storage.put_bytes(json.dumps(attempts, indent=1).encode() + b"\n", run.uri(ATTEMPTS))
-    return attempts
+    return json.loads(found[0]) if found else []
+
+
+def record_attempt(storage: Storage, run: Run, attempt: dict) -> None:
+    """Appends this attempt to the run's attempts.json."""
+    every = [*attempts(storage, run), attempt]
+    storage.put_bytes(json.dumps(every, indent=1).encode() + b"\n", run.uri(ATTEMPTS))
