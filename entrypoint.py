@@ -80,7 +80,11 @@ def main() -> int:
 
 def already_complete(storage: Storage, run: Run, config: dict) -> bool:
     runs.check_same_run(storage, run, config)
-    return storage.exists(run.uri(MANIFEST))
+    if not storage.exists(run.uri(MANIFEST)):
+        return False
+    # What an attempt killed between its manifest and its clean-up left behind (README: checkpoints).
+    storage.delete_tree(run.uri(CHECKPOINTS))
+    return True
 
 
 def attempt(settings: Settings, storage: Storage, run: Run, config: dict, lease) -> int:
@@ -161,8 +165,7 @@ def attempt(settings: Settings, storage: Storage, run: Run, config: dict, lease)
         publish.write_outputs(run.stage, summary, rows, config)
         publish.publish(storage, run, summary, settings.IMAGE_VERSION)
     # The adapter is the result; a checkpoint's optimizer state only serves a resume, and storage costs money.
-    for step in summary.checkpoints:
-        uploader.delete(step)
+    storage.delete_tree(run.uri(CHECKPOINTS))
     log.info("done: %s", run.uri("report.md"), extra={"fields": {"metrics": metrics.__dict__}})
     return 0
 

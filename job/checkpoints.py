@@ -101,9 +101,6 @@ class Uploader:
                  extra={"fields": {"checkpoint_step": step, "upload_seconds": self.seconds[-1]}})  # fmt: skip
         shutil.rmtree(folder, ignore_errors=True)
         for old in committed_steps(self.storage, self.run)[: -self.keep]:
-            self.delete(old)
-
-    def delete(self, step: int) -> None:
-        uri = self.run.uri(CHECKPOINTS, f"step-{step}")
-        self.storage.delete(join(uri, MARKER))  # uncommitted first, so no attempt resumes from a half-deleted one
-        self.storage.delete_tree(uri)
+            old_uri = self.run.uri(CHECKPOINTS, f"step-{old}")
+            self.storage.delete(join(old_uri, MARKER))  # uncommitted first: no attempt resumes a half-deleted one
+            self.storage.delete_tree(old_uri)

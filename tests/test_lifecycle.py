@@ -238,8 +238,10 @@ def test_a_run_id_trained_otherwise_is_a_configuration_error_naming_the_differen
     env = {"DRY_RUN": "true", "DATASET_URI": put(s3, bucket, "d.jsonl", jsonl(ROWS[:12])),
            "OUTPUT_URI": f"s3://{bucket}/runs", "RUN_ID": "mine"}  # fmt: skip
     assert run_job(env).returncode == 0
+    put(s3, bucket, "runs/mine/checkpoints/step-2/optimizer.pt", "left by an attempt killed after its manifest")
     again = run_job(env | {"MAX_NEW_TOKENS": "7", "CHECKPOINT_EVERY_STEPS": "9", "LOG_FORMAT": "json"})
     assert again.returncode == 0 and "already complete" in again.stderr, "nothing that is trained changed"
+    assert not read_objects(s3, bucket, "runs/mine/checkpoints/"), "leftover checkpoints are removed"
     changed = run_job(env | {"LORA_R": "8", "LEARNING_RATE": "1e-3"})
     assert changed.returncode == 78
     message = error_line(changed)
