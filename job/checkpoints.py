@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from job.context import CHECKPOINTS, MARKER, Run
-from job.publish import describe_file
+from job.publish import describe_tree
 from job.storage import Storage, join
 
 log = logging.getLogger(__name__)
@@ -39,10 +39,7 @@ def restore(storage: Storage, run: Run, step: int) -> Path | None:
     shutil.rmtree(folder, ignore_errors=True)
     storage.fetch_tree(uri, folder)
     (folder / MARKER).unlink(missing_ok=True)
-    present = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-    if present != sorted(f["path"] for f in marker["files"]) or any(
-        describe_file(folder / f["path"], f["path"]) != f for f in marker["files"]
-    ):
+    if describe_tree(folder) != marker["files"]:  # the same files, sizes and hashes, in the same order
         log.warning("checkpoint step-%d does not match its marker: not resuming from it", step)
         return None
     return folder
@@ -90,7 +87,7 @@ class Uploader:
 
     def _commit(self, folder: Path, step: int) -> None:
         start, uri = time.perf_counter(), self.run.uri(CHECKPOINTS, f"step-{step}")
-        files = [describe_file(p, p.relative_to(folder).as_posix()) for p in sorted(folder.rglob("*")) if p.is_file()]
+        files = describe_tree(folder)
         self.storage.delete(join(uri, MARKER))  # a step committed before (by an attempt that went on): recommit
         self.storage.delete_tree(uri)  # and whatever an interrupted upload of this step left
         self.storage.put_tree(folder, uri)

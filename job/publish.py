@@ -1,7 +1,6 @@
 """Publishing: the run's files to OUTPUT_URI/RUN_ID/, and manifest.json last, so that a run is
 complete exactly when its manifest exists."""
 
-import hashlib
 import json
 import logging
 import platform
@@ -12,7 +11,7 @@ from pathlib import Path
 
 from job import __version__, report
 from job.context import ATTEMPTS, CONFIG, FAILURE, MANIFEST, TRAIN_LOG, Run
-from job.storage import Storage
+from job.storage import Storage, files_under, sha256_of
 from job.train import Metrics
 
 log = logging.getLogger(__name__)
@@ -74,13 +73,16 @@ def plot_loss(train_log: Path, target: Path) -> None:
 
 
 def describe_file(path: Path, name: str) -> dict:
-    with path.open("rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
-    return {"path": name, "bytes": path.stat().st_size, "sha256": digest}
+    return {"path": name, "bytes": path.stat().st_size, "sha256": sha256_of(path)}
+
+
+def describe_tree(folder: Path) -> list[dict]:
+    """Every file under folder, by its path relative to folder, with its size and sha256."""
+    return [describe_file(p, p.relative_to(folder).as_posix()) for p in files_under(folder)]
 
 
 def manifest(stage: Path, summary: Summary, image_version: str | None) -> dict:
-    files = [describe_file(p, p.relative_to(stage).as_posix()) for p in sorted(stage.rglob("*")) if p.is_file()]
+    files = describe_tree(stage)
     return {
         "run_id": summary.run_id,
         "status": "succeeded",
