@@ -41,7 +41,9 @@ RUN useradd --uid 10001 --user-group --no-create-home --home-dir /tmp --shell /u
 
 # Recorded in each run's manifest.json (make image passes `git describe`).
 ARG IMAGE_VERSION=dev
-# Every cache and compile folder under /tmp or /scratch, so a read-only root filesystem is enough.
+# Every cache and compile folder under /tmp or /scratch, so a read-only root filesystem is enough. The compiled
+# kernels (Triton's, unsloth's) go to /scratch, so that the next attempt on the same volume reuses them; unsloth
+# drops TORCHINDUCTOR_CACHE_DIR and Inductor keeps its cache under the temp dir.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -49,9 +51,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     HOME=/tmp \
     SCRATCH_DIR=/scratch \
     HF_HOME=/scratch/hf \
-    TRITON_CACHE_DIR=/tmp/triton \
-    TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor \
-    UNSLOTH_COMPILE_LOCATION=/tmp/unsloth_compiled_cache \
+    TRITON_CACHE_DIR=/scratch/.cache/triton \
+    UNSLOTH_COMPILE_LOCATION=/scratch/.cache/unsloth_compiled_cache \
     MPLCONFIGDIR=/tmp/matplotlib \
     XDG_CACHE_HOME=/tmp/.cache \
     CUDA_CACHE_PATH=/tmp/.nv

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from job import checkpoints, data, distributed, launch, logs, model, preemption, publish, runs, samples, train
+from job import checkpoints, data, distributed, launch, logs, memory, model, preemption, publish, runs, samples, train
 from job.context import ADAPTER, CHECKPOINTS, CONFIG, FAILURE, MANIFEST, Device, Run
 from job.errors import ConfigInvalid, GpuOutOfMemory, JobError, Preempted, redact
 from job.settings import Settings, read_settings
@@ -114,13 +114,22 @@ def attempt(settings: Settings, storage: Storage, run: Run, config: dict, lease)
         eval_ds = data.tokenize(tokenizer, held_out, settings.TRAIN_ON_RESPONSES_ONLY) if held_out else None
         prompt_rows = inputs.sample_prompts or (held_out or train_rows)[: settings.NUM_SAMPLE_PROMPTS]
         sample_inputs = data.sample_inputs(tokenizer, prompt_rows)
+        # Before any weight is loaded: a configuration that cannot fit exits 70 here.
+        row_tokens = settings.MAX_SEQ_LENGTH if settings.PACKING else min(settings.MAX_SEQ_LENGTH, lengths["longest"])
+        plan = memory.plan(settings, device, run.backend, model.config_of(base, settings, device), row_tokens)
+        log.info(
+            "batch: %d sequences per step per GPU as %d x %d, activation checkpointing %s (%s; estimated peak %s "
+            "GiB, %s GiB free)", plan.micro_batch * plan.grad_accum, plan.micro_batch, plan.grad_accum,
+            "on" if plan.checkpointing else "off", plan.reason, plan.estimate_gib, plan.free_gib,
+            extra={"fields": {"plan": plan.fields()}},
+        )  # fmt: skip
 
     with logs.stage("model", timings):
-        lm = model.load(settings, device, base, tokenizer, run.backend)
+        lm = model.load(settings, device, base, tokenizer, run.backend, plan.checkpointing)
 
     uploader = checkpoints.Uploader(storage, run, settings.CHECKPOINT_KEEP) if device.rank_zero else None
     with logs.stage("train", timings):
-        metrics = train.train(settings, run, lm, tokenizer, train_ds, eval_ds, resume, uploader, lease)
+        metrics = train.train(settings, run, plan, lm, tokenizer, train_ds, eval_ds, resume, uploader, lease)
     # Leave the process group together: rank 0 samples and publishes alone, and a rank that left early
     # would abort the others' gloo or NCCL threads.
     distributed.teardown(device)

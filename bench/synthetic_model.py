@@ -22,7 +22,9 @@ DEMO_DATA = Path(__file__).resolve().parents[1] / "demo" / "instructions.jsonl"
 VOCAB = 128256  # Llama 3's vocabulary size: the embedding and LM head keep their real cost
 
 
-def build(shape: str, out: Path, data: Path = DEMO_DATA) -> None:
+def build(shape: str, out: Path, data: Path = DEMO_DATA, quantized: bool = False) -> None:
+    """quantized: saved in bitsandbytes NF4 (on a GPU), as the pre-quantized checkpoints the job loads by default
+    (unsloth/llama-3-8b-bnb-4bit): loading skips the quantization."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -39,10 +41,21 @@ def build(shape: str, out: Path, data: Path = DEMO_DATA) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    params = sum(p.numel() for p in model.parameters())
+    if quantized:
+        import tempfile
+
+        from transformers import BitsAndBytesConfig
+
+        with tempfile.TemporaryDirectory() as full:
+            model.save_pretrained(full)
+            del model
+            nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                     bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
+            model = AutoModelForCausalLM.from_pretrained(full, quantization_config=nf4, device_map={"": 0})
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    params = sum(p.numel() for p in model.parameters())
-    print(f"{shape}: {params / 1e9:.2f}B parameters saved to {out}")
+    print(f"{shape}: {params / 1e9:.2f}B parameters saved to {out}" + (" in NF4" if quantized else ""))
 
 
 if __name__ == "__main__":
@@ -50,5 +63,6 @@ if __name__ == "__main__":
     parser.add_argument("--shape", choices=SHAPES, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--data", type=Path, default=DEMO_DATA)
+    parser.add_argument("--4bit", dest="quantized", action="store_true", help="save in NF4 (needs a GPU)")
     args = parser.parse_args()
-    build(args.shape, args.out, args.data)
+    build(args.shape, args.out, args.data, args.quantized)

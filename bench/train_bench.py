@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.synthetic_model import DEMO_DATA, build  # noqa: E402
-from job import data, distributed, model, train  # noqa: E402
+from job import data, distributed, memory, model, train  # noqa: E402
 from job.context import Device, Run  # noqa: E402
 from job.settings import Settings  # noqa: E402
 
@@ -61,6 +61,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--literal", action="store_true", help="AUTO_BATCH=false: checkpointing on, batch as given")
     parser.add_argument("--models", type=Path, default=Path(tempfile.gettempdir()) / "bench-models")
     args = parser.parse_args()
 
@@ -72,7 +73,7 @@ def main() -> int:
         BASE_MODEL=str(path), DATASET_URI="synthetic", OUTPUT_URI="unused",
         TRAIN_BACKEND=args.backend, MAX_SEQ_LENGTH=args.seq, PER_DEVICE_BATCH_SIZE=args.batch, GRAD_ACCUM_STEPS=1,
         MAX_STEPS=args.steps, WARMUP_STEPS=1, CHECKPOINT_EVERY_STEPS=0, LOG_FORMAT="json", LOAD_IN_4BIT=gpu,
-        OPTIMIZER="adamw_8bit" if gpu else "adamw_torch",
+        OPTIMIZER="adamw_8bit" if gpu else "adamw_torch", AUTO_BATCH=not args.literal,
     )  # fmt: skip
     device = Device.detect(settings)
     distributed.setup(device)
@@ -85,11 +86,15 @@ def main() -> int:
     # Rows long enough to be cut at --seq tokens: every sequence is full, as in the measured stack.
     rows = synthetic_rows(args.steps * args.batch * settings.WORLD_SIZE + 8, words=args.seq * 2)
     dataset = data.tokenize(tokenizer, rows, responses_only=False)
-    lm = model.load(settings, device, base, tokenizer, backend)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base.source)
+    plan = memory.plan(settings, device, backend, config, args.seq)
+    lm = model.load(settings, device, base, tokenizer, backend, plan.checkpointing)
     with tempfile.TemporaryDirectory() as scratch:
         run = Run.build(settings.model_copy(update={"SCRATCH_DIR": scratch}), "bench", device, backend)
         run.stage.mkdir(parents=True)
-        metrics = train.train(settings, run, lm, tokenizer, dataset, None, resume=None, uploader=None, lease=None)
+        metrics = train.train(settings, run, plan, lm, tokenizer, dataset, None, resume=None, uploader=None, lease=None)
         distributed.teardown(device)
         if not device.rank_zero:  # rank 0 alone writes the step log
             return 0
@@ -107,14 +112,13 @@ def main() -> int:
     ]
     step_seconds = statistics.median(s for s, _ in spans)
     tokens_per_second = statistics.median(t for _, t in spans)
-    from transformers import AutoConfig
-
     peak = matmul_peak_tflops() if gpu else None
-    parameters = model.parameter_count(AutoConfig.from_pretrained(base.source))
+    parameters = model.parameter_count(config)
     result = {
         "shape": args.shape, "backend": backend, "gpus": settings.WORLD_SIZE, "seq": args.seq, "batch": args.batch,
         "steps_timed": len(spans), "seconds_per_step": round(step_seconds, 4),
         "tokens_per_second": round(tokens_per_second), "peak_gpu_gib": metrics.peak_gpu_memory_gib,
+        "estimated_gib": plan.estimate_gib, "micro_batch": plan.micro_batch, "checkpointing": plan.checkpointing,
         "seconds_to_first_step": round(steps[0]["time"] - START, 1), "parameters": parameters,
         "mfu": round(tokens_per_second * 4 * parameters / (peak * 1e12 * settings.WORLD_SIZE), 4) if peak else None,
         "matmul_peak_tflops": round(peak, 1) if peak else None,

@@ -249,14 +249,22 @@ def tokenize(tokenizer, examples: list[dict], responses_only: bool):
 
     def encode(batch):
         encoded = tokenizer(batch["text"], add_special_tokens=False, return_offsets_mapping=True)
-        masks = [
-            [int(any(s <= start < e for s, e in spans)) for start, _ in offsets]
-            for offsets, spans in zip(encoded["offset_mapping"], batch["spans"])
-        ]
+        masks = [in_spans(offsets, spans) for offsets, spans in zip(encoded["offset_mapping"], batch["spans"])]
         return {"input_ids": encoded["input_ids"], "assistant_masks": masks}
 
     dataset = Dataset.from_dict({"text": texts, "spans": all_spans})
     return dataset.map(encode, batched=True, remove_columns=["text", "spans"], desc="tokenize")
+
+
+def in_spans(offsets: list, spans: list) -> list[int]:
+    """1 for each token whose first character lies in one of the spans (in order, not overlapping), else 0: one
+    walk over both (a test of every token against every span took 5 of 14 s on 6,000 rows)."""
+    mask, i = [], 0
+    for start, _ in offsets:
+        while i < len(spans) and spans[i][1] <= start:
+            i += 1
+        mask.append(int(i < len(spans) and spans[i][0] <= start))
+    return mask
 
 
 def check_lengths(dataset, max_seq_length: int) -> dict:
@@ -274,7 +282,8 @@ def check_lengths(dataset, max_seq_length: int) -> dict:
     if no_trained:
         log.warning("%d of %d rows lose their whole response at MAX_SEQ_LENGTH=%d and teach nothing",
                     no_trained, len(prompts), max_seq_length)  # fmt: skip
-    return {"rows": len(prompts), "truncated": truncated, "no_trained_tokens": no_trained}
+    longest = max(map(len, dataset["input_ids"]), default=0)
+    return {"rows": len(prompts), "truncated": truncated, "no_trained_tokens": no_trained, "longest": longest}
 
 
 def sample_inputs(tokenizer, examples: list[dict]) -> list[dict]:

@@ -12,6 +12,8 @@ from tqdm.auto import tqdm
 from job.errors import redact
 
 _state = {"stage": "start", "json": True}
+# When the job's process started, near enough: the entry point imports this module before anything heavy.
+STARTED = time.time()
 
 
 class _StageFilter(logging.Filter):

@@ -99,9 +99,16 @@ def _config(source: str, settings):
 
     try:
         return AutoConfig.from_pretrained(source, token=_token(settings))
-    except Exception as exc:  # offline, gated, missing: a dry run carries on without it
-        log.info("dry run: no configuration from %s (%s)", source, str(exc).splitlines()[0][:200])
+    except Exception as exc:  # offline, gated, missing: a dry run carries on without it, a GPU run without a plan
+        log.info("no configuration from %s (%s)", source, str(exc).splitlines()[0][:200])
         return None
+
+
+def config_of(base: Base, settings, device: Device):
+    """The configuration of the model that will be trained, for the memory plan (None without a GPU: no plan)."""
+    if not device.cuda or not base.source:
+        return None
+    return base.tiny_config or _config(base.source, settings)
 
 
 def parameter_count(config) -> int:
@@ -187,12 +194,15 @@ def tiny_model(config, tokenizer):
     return AutoModelForCausalLM.from_config(config)
 
 
-def load(settings, device: Device, base: Base, tokenizer, backend: str):
-    """The base model with fresh LoRA adapters on LORA_TARGET_MODULES, ready to train."""
-    return (load_unsloth if backend == "unsloth" else load_hf)(settings, device, base, tokenizer)
+def load(settings, device: Device, base: Base, tokenizer, backend: str, checkpointing: bool = True):
+    """The base model with fresh LoRA adapters on LORA_TARGET_MODULES, ready to train. checkpointing: unsloth's
+    own activation checkpointing (the hf backend's is the trainer's: train.sft_config)."""
+    if backend == "unsloth":
+        return load_unsloth(settings, device, base, checkpointing)
+    return load_hf(settings, device, base, tokenizer)
 
 
-def load_unsloth(settings, device: Device, base: Base, tokenizer):
+def load_unsloth(settings, device: Device, base: Base, checkpointing: bool):
     from unsloth import FastLanguageModel
 
     try:
@@ -208,7 +218,10 @@ def load_unsloth(settings, device: Device, base: Base, tokenizer):
         raise hub_error(exc, "model") from None
     check_targets(model, settings.LORA_TARGET_MODULES)
     return FastLanguageModel.get_peft_model(
-        model, **lora_arguments(settings), use_gradient_checkpointing="unsloth", random_state=settings.SEED
+        model,
+        **lora_arguments(settings),
+        use_gradient_checkpointing="unsloth" if checkpointing else False,
+        random_state=settings.SEED,
     )
 
 

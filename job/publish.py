@@ -92,6 +92,12 @@ def manifest(stage: Path, summary: Summary, image_version: str | None) -> dict:
         "base_model": summary.base_model,
         "backend": summary.backend,
         "world_size": summary.world_size,
+        "training": {
+            "packing": summary.metrics.packing,
+            "micro_batch": summary.metrics.micro_batch,
+            "grad_accum": summary.metrics.grad_accum,
+            "activation_checkpointing": summary.metrics.activation_checkpointing,
+        },
         "job_version": __version__,
         "image_version": image_version,
         "python": platform.python_version(),

@@ -25,10 +25,21 @@ def render(summary, samples: list[dict], config: dict) -> str:
         "",
         "## Training",
         "",
-        "| steps | epochs | first loss | final loss | eval loss | tokens | tokens/s | peak GPU GiB |",
-        "|---|---|---|---|---|---|---|---|",
-        f"| {m.steps} | {m.epochs} | {_num(m.first_loss)} | {_num(m.final_loss)} | {_num(m.eval_loss)} | "
-        f"{m.tokens} | {m.tokens_per_second} | {_num(m.peak_gpu_memory_gib)} |",
+        "| steps | epochs | rows | tokens | first loss | final loss | eval loss | tokens/s | first step s | peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| {m.steps} | {m.epochs} | {m.rows} | {m.tokens} | {_num(m.first_loss)} | {_num(m.final_loss)} | "
+        f"{_num(m.eval_loss)} | {m.tokens_per_second} | {m.seconds_to_first_step} | {_num(m.peak_gpu_memory_gib)} |",
+        "",
+        f"Each step: {m.micro_batch * m.grad_accum} sequences per GPU x {summary.world_size} GPU(s), as "
+        f"micro-batches of {m.micro_batch} x {m.grad_accum} accumulated; packing {m.packing}; activation checkpointing "
+        f"{'on' if m.activation_checkpointing else 'off'}"
+        + (
+            f"; peak GPU memory estimated at {m.estimated_peak_gpu_memory_gib} GiB before loading"
+            if m.estimated_peak_gpu_memory_gib
+            else ""
+        )
+        + ". Rows: epochs x training rows; tokens: every token trained on, prompts too, padding not; first step: "
+        "seconds from the process's start.",
         "",
         "![loss against step](loss.png)",
         "",

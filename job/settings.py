@@ -35,8 +35,9 @@ NOT_TRAINED = frozenset({
     "DATASET_URI", "OUTPUT_URI", "RUN_ID", "RUN_NAME", "ENV_FILE", "SCRATCH_DIR", "CHECKPOINT_EVERY_STEPS",
     "CHECKPOINT_KEEP", "SAMPLE_PROMPTS_URI", "NUM_SAMPLE_PROMPTS", "MAX_NEW_TOKENS", "LEASE_SECONDS", "RANK",
     "LOCAL_RANK", "NPROC_PER_NODE", "NNODES", "NODE_RANK", "RDZV_ENDPOINT", "TORCHELASTIC_RUN_ID", "SWEEP_FILE",
-    "JOB_COMPLETION_INDEX", "IMAGE_VERSION", "LOG_FORMAT", "HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL",
+    "JOB_COMPLETION_INDEX", "IMAGE_VERSION", "AUTO_BATCH", "LOG_FORMAT", "HF_TOKEN", "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3",
+    "AWS_ENDPOINT_URL",
 })  # fmt: skip
 
 # The platform's own variables are never taken for misspelled settings, however close: those of the container
@@ -142,8 +143,12 @@ class Settings(BaseSettings):
     """Optimizer; the 8-bit ones need bitsandbytes and a GPU."""
     SEED: int = 3407
     """Seed for shuffling, the eval split, LoRA init and training."""
-    PACKING: bool = False
-    """Pack several rows into each sequence."""
+    PACKING: bool = True
+    """Pack rows into sequences of up to MAX_SEQ_LENGTH tokens, each row attending only to itself; MAX_STEPS then
+    counts batches of packed sequences. false: one row per sequence, padded."""
+    AUTO_BATCH: bool = True
+    """On a GPU, pick the micro-batch, accumulation and activation checkpointing that fit its free memory, keeping
+    PER_DEVICE_BATCH_SIZE x GRAD_ACCUM_STEPS; false: exactly as given."""
     CHECKPOINT_EVERY_STEPS: int = Field(default=50, ge=0)
     """Save a checkpoint every N optimizer steps; 0 disables."""
     CHECKPOINT_KEEP: int = Field(default=2, ge=1)

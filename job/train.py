@@ -25,25 +25,31 @@ class Metrics:
     first_loss: float | None
     final_loss: float | None
     eval_loss: float | None
-    tokens: int
+    rows: int  # rows trained: epochs x the training rows
+    tokens: int  # tokens trained (not padding; prompts too)
     tokens_per_second: float | None
     train_seconds: float
-    seconds_to_first_step: float | None
+    seconds_to_first_step: float | None  # from the process's start: what a (re)started pod waits
+    packing: str
+    micro_batch: int
+    grad_accum: int
+    activation_checkpointing: bool
+    estimated_peak_gpu_memory_gib: float | None
     peak_gpu_memory_gib: float | None
     peak_host_memory_gib: float
     checkpoint_stall_seconds: list[float]
     stopped_early: bool
 
 
-def sft_config(settings, run: Run, has_eval: bool):
+def sft_config(settings, run: Run, plan, has_eval: bool):
     from trl import SFTConfig
 
     cuda, bf16 = run.device.cuda, run.device.bf16
     return SFTConfig(
         output_dir=str(run.checkpoints),
-        per_device_train_batch_size=settings.PER_DEVICE_BATCH_SIZE,
-        per_device_eval_batch_size=settings.PER_DEVICE_BATCH_SIZE,
-        gradient_accumulation_steps=settings.GRAD_ACCUM_STEPS,
+        per_device_train_batch_size=plan.micro_batch,
+        per_device_eval_batch_size=plan.micro_batch,
+        gradient_accumulation_steps=plan.grad_accum,
         max_steps=settings.MAX_STEPS or -1,
         num_train_epochs=settings.NUM_EPOCHS,
         warmup_steps=settings.WARMUP_STEPS,
@@ -57,8 +63,8 @@ def sft_config(settings, run: Run, has_eval: bool):
         use_cpu=not cuda,
         max_length=settings.MAX_SEQ_LENGTH,
         packing=settings.PACKING,
-        # unsloth checkpoints activations itself (use_gradient_checkpointing="unsloth"); hf needs the trainer's.
-        gradient_checkpointing=cuda and run.backend == "hf",
+        # unsloth checkpoints activations itself (model.load_unsloth); hf needs the trainer's.
+        gradient_checkpointing=cuda and run.backend == "hf" and plan.checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         eval_strategy="steps" if has_eval else "no",
         eval_steps=0.2,  # a fraction: five evaluations over the run, whatever its length
@@ -75,7 +81,9 @@ def sft_config(settings, run: Run, has_eval: bool):
     )
 
 
-def train(settings, run: Run, model, tokenizer, train_ds, eval_ds, resume: Path | None, uploader, lease) -> Metrics:
+def train(
+    settings, run: Run, plan, model, tokenizer, train_ds, eval_ds, resume: Path | None, uploader, lease
+) -> Metrics:
     """Trains (from the checkpoint `resume` when given), committing checkpoints through uploader (rank 0);
     saves the adapter and tokenizer to the stage's adapter/ and writes its train_log.jsonl. Stops early,
     with a checkpoint, on SIGTERM or when the lease is lost (Metrics.stopped_early)."""
@@ -89,7 +97,7 @@ def train(settings, run: Run, model, tokenizer, train_ds, eval_ds, resume: Path 
     stop = lifecycle(run, uploader, lease, step_log)
     trainer = SFTTrainer(
         model=model,
-        args=sft_config(settings, run, eval_ds is not None),
+        args=sft_config(settings, run, plan, eval_ds is not None),
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
@@ -111,22 +119,36 @@ def train(settings, run: Run, model, tokenizer, train_ds, eval_ds, resume: Path 
     tokens = int(trainer.state.num_input_tokens_seen)
     runtime = result.metrics["train_runtime"]
     trained_tokens = tokens - step_log.tokens_before
+    epochs = trainer.state.epoch or 0
     return Metrics(
         steps=trainer.state.global_step,
-        epochs=round(trainer.state.epoch or 0, 4),
+        epochs=round(epochs, 4),
         train_loss=result.training_loss,
         first_loss=train_losses[0] if train_losses else None,
         final_loss=train_losses[-1] if train_losses else None,
         eval_loss=evals[-1]["eval_loss"] if evals else None,
+        rows=round(epochs * len(train_ds)),
         tokens=tokens,
         tokens_per_second=round(trained_tokens / runtime, 1) if runtime else None,
         train_seconds=round(runtime, 3),
         seconds_to_first_step=step_log.first_step_seconds,
+        packing=packing_mode(trainer),
+        micro_batch=plan.micro_batch,
+        grad_accum=plan.grad_accum,
+        activation_checkpointing=plan.checkpointing,
+        estimated_peak_gpu_memory_gib=plan.estimate_gib,
         peak_gpu_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3) if run.device.cuda else None,
         peak_host_memory_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
         checkpoint_stall_seconds=stop.stalls,
         stopped_early=stopped,
     )
+
+
+def packing_mode(trainer) -> str:
+    """How rows became sequences, as the trainer decided: PACKING=true is TRL's best-fit-decreasing bins of up to
+    MAX_SEQ_LENGTH tokens, flattened without padding (position_ids restart per row and keep rows apart in
+    attention); without packing, unsloth goes padding-free by itself on most GPUs (H100, H200)."""
+    return f"{'bfd' if trainer.args.packing else 'off'}, {'padding-free' if trainer.padding_free else 'padded'}"
 
 
 def lifecycle(run: Run, uploader, lease, step_log):
@@ -189,7 +211,7 @@ def step_logger(path: Path, main: bool, resumed: Path | None):
 
         def on_step_end(self, args, state, control, **kwargs):
             if self.first_step_seconds is None:
-                self.first_step_seconds = round(time.perf_counter() - self.start, 3)
+                self.first_step_seconds = round(time.time() - logs.STARTED, 3)
             self.bar.update(1)
 
         def on_train_end(self, args, state, control, **kwargs):

@@ -222,9 +222,10 @@ def test_check_lengths_counts_rows_that_lose_their_response(tokenizer):
     lengths = [len(ids) for ids in dataset["input_ids"]]
     short, long = (mask.index(1) for mask in dataset["assistant_masks"])  # the prompts' lengths in tokens
     assert short < long < lengths[1]
-    assert data.check_lengths(dataset, max(lengths)) == {"rows": 2, "truncated": 0, "no_trained_tokens": 0}
-    assert data.check_lengths(dataset, long + 1) == {"rows": 2, "truncated": 1, "no_trained_tokens": 0}
-    assert data.check_lengths(dataset, long) == {"rows": 2, "truncated": 1, "no_trained_tokens": 1}
+    longest = {"longest": max(lengths)}
+    assert data.check_lengths(dataset, max(lengths)) == {"rows": 2, "truncated": 0, "no_trained_tokens": 0} | longest
+    assert data.check_lengths(dataset, long + 1) == {"rows": 2, "truncated": 1, "no_trained_tokens": 0} | longest
+    assert data.check_lengths(dataset, long) == {"rows": 2, "truncated": 1, "no_trained_tokens": 1} | longest
     assert data.check_lengths(dataset, short + 1)["no_trained_tokens"] == 1
     problem = (
         rf"all 2 rows lose their whole response at MAX_SEQ_LENGTH={short} \(the shortest prompt is {short} tokens\)"
@@ -232,4 +233,4 @@ def test_check_lengths_counts_rows_that_lose_their_response(tokenizer):
     with pytest.raises(DatasetInvalid, match=problem + ": raise MAX_SEQ_LENGTH or shorten the prompts"):
         data.check_lengths(dataset, short)
     everything = data.tokenize(tokenizer, examples, responses_only=False)
-    assert data.check_lengths(everything, 1) == {"rows": 2, "truncated": 2, "no_trained_tokens": 0}
+    assert data.check_lengths(everything, 1) == {"rows": 2, "truncated": 2, "no_trained_tokens": 0} | longest

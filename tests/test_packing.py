@@ -36,7 +36,7 @@ def per_token_losses(model, batch: dict) -> torch.Tensor:
 def test_packed_rows_train_as_if_alone(tiny_model_dir, tmp_path, monkeypatch, one_thread):
     from trl import SFTTrainer
 
-    from job import data, model, train
+    from job import data, memory, model, train
     from job.context import Device, Run
     from job.settings import Settings
 
@@ -63,7 +63,7 @@ def test_packed_rows_train_as_if_alone(tiny_model_dir, tmp_path, monkeypatch, on
     # The sampler is random but seeded by SEED at the trainer's start, so the batch is the same every run.
     trainer = SFTTrainer(
         model=lm,
-        args=train.sft_config(settings, run, has_eval=False),
+        args=train.sft_config(settings, run, memory.plan(settings, device, "hf", None, 0), has_eval=False),
         train_dataset=dataset,
         processing_class=tokenizer,
     )

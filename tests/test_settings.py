@@ -160,10 +160,10 @@ def test_env_example_lists_exactly_the_settings():
 
 def test_a_sweep_line_configures_one_index_of_an_indexed_job(env, tmp_path):
     sweep = tmp_path / "sweep.jsonl"
-    sweep.write_text('{"LEARNING_RATE": 1e-4, "LORA_R": 8}\n{"LEARNING_RATE": 3e-4, "PACKING": true}\n')
+    sweep.write_text('{"LEARNING_RATE": 1e-4, "LORA_R": 8}\n{"LEARNING_RATE": 3e-4, "PACKING": false}\n')
     env(**REQUIRED, SWEEP_FILE=str(sweep), JOB_COMPLETION_INDEX="1", LEARNING_RATE="9e-9")
     s = read_settings()
-    assert (s.LEARNING_RATE, s.PACKING, s.LORA_R) == (3e-4, True, 16)
+    assert (s.LEARNING_RATE, s.PACKING, s.LORA_R) == (3e-4, False, 16)
     env(JOB_COMPLETION_INDEX="0")
     first = read_settings()
     assert first.LORA_R == 8 and first.run_id(DATASET) != s.run_id(DATASET), "each configuration gets its own run"

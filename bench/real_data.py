@@ -1,0 +1,151 @@
+"""`make bench`'s real-data section: the whole job (entrypoint.py) on an Alpaca-like length mix generated here,
+with the notebook's settings, packing with the batch as given, and the job's defaults (packing and the automatic
+batch), beside the defaults on full 2,048-token rows; prints a markdown table for docs/benchmarks.md.
+
+    python bench/real_data.py --shape llama-3-8b --backend unsloth [--steps 20] [--out bench-results]
+
+Useful tokens are the tokens trained (every non-padding token). The estimate is the job's own pre-flight peak.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.synthetic_model import DEMO_DATA, build  # noqa: E402
+
+RUNS = {  # key: (what the table calls it, dataset, settings beside the job's defaults)
+    "full": ("full rows, defaults", "full", {}),
+    "notebook": (
+        "short rows, notebook (batch 2 x 4, no packing)",
+        "short",
+        {"PACKING": "false", "AUTO_BATCH": "false"},
+    ),
+    "packed": ("short rows, packing, batch as given", "short", {"AUTO_BATCH": "false"}),
+    "defaults": ("short rows, defaults", "short", {}),
+}
+
+
+def alpaca_like(count: int, seed: int = 0) -> list[dict]:
+    """Rows with Alpaca's long-tailed lengths: lognormal word counts, about 100 words in the median row, a few
+    hundred in the longest."""
+    words, rng = DEMO_DATA.read_text().split(), random.Random(seed)
+
+    def text(median: float, sigma: float) -> str:
+        return " ".join(rng.choices(words, k=max(1, round(rng.lognormvariate(math.log(median), sigma)))))
+
+    return [
+        {"instruction": text(14, 0.5), "input": text(12, 1.0) if rng.random() < 0.4 else "", "output": text(75, 0.9)}
+        for _ in range(count)
+    ]
+
+
+def full_rows(count: int, seed: int = 1) -> list[dict]:
+    """Rows longer than 2,048 tokens: every sequence is full, cut at MAX_SEQ_LENGTH."""
+    words, rng = DEMO_DATA.read_text().split(), random.Random(seed)
+    return [
+        {"instruction": " ".join(rng.choices(words, k=20)), "input": "", "output": " ".join(rng.choices(words, k=3000))}
+        for _ in range(count)
+    ]
+
+
+def write(rows: list[dict], path: Path) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def run_job(name: str, env: dict, out: Path) -> dict:
+    log = out / f"{name}.log"
+    start = time.time()
+    with log.open("w") as f:
+        code = subprocess.run([sys.executable, str(ROOT / "entrypoint.py")], env=os.environ | env, stderr=f).returncode
+    wall = time.time() - start
+    metrics_file = Path(env["OUTPUT_URI"]) / env["RUN_ID"] / "metrics.json"
+    if code or not metrics_file.is_file():
+        print(f"{name}: exit {code}; see {log}", file=sys.stderr)
+        return {"name": name, "exit": code}
+    metrics = json.loads(metrics_file.read_text())
+    steps = [json.loads(line) for line in (metrics_file.parent / "train_log.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if "loss" in r]
+    # Steady state, as bench/train_bench.py: the median step after a 3-step warm-up (compilation, allocator).
+    spans = [
+        (b["tokens"] - a["tokens"]) / (b["seconds"] - a["seconds"]) for a, b in zip(steps, steps[1:]) if a["step"] >= 3
+    ]
+    # Where the first minute goes: seconds from the process's start to the first line of each stage.
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith('{"time"')]
+    stages = {}
+    for line in lines:
+        stages.setdefault(line["stage"], round(line["time"] - start, 1))
+    return {"name": name, "exit": code, "wall_seconds": round(wall, 1), **metrics,
+            "steady_tokens_per_second": round(statistics.median(spans)) if spans else None, "stage_starts": stages,
+            "steps_logged": [(r["step"], r["tokens"], r["seconds"], round(r["loss"], 4)) for r in steps]}  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="llama-3-8b")
+    parser.add_argument("--backend", choices=["unsloth", "hf"], required=True)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--runs", default=",".join(RUNS), help="keys of RUNS, comma-separated")
+    parser.add_argument("--models", type=Path, default=Path("/tmp/bench-models"))
+    parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = args.out / "real-data"
+    work.mkdir(exist_ok=True)
+    model = args.models / f"{args.shape}-4bit"  # pre-quantized, as the default BASE_MODEL is
+    if not model.is_dir():
+        build(args.shape, model, quantized=True)
+    data = {"short": write(alpaca_like(6000), work / "short.jsonl"), "full": write(full_rows(400), work / "full.jsonl")}
+    results = []
+    for key in args.runs.split(","):
+        name, dataset, settings = RUNS[key]
+        tag = f"{args.shape}-{args.backend}-{key}"
+        env = {"BASE_MODEL": str(model), "DATASET_URI": str(data[dataset]), "OUTPUT_URI": str(work / "runs"),
+               "RUN_ID": tag, "TRAIN_BACKEND": args.backend, "MAX_STEPS": str(args.steps), "LOG_FORMAT": "json",
+               "NUM_SAMPLE_PROMPTS": "2", "MAX_NEW_TOKENS": "32", "SCRATCH_DIR": str(work / "scratch"),
+               "CHECKPOINT_EVERY_STEPS": "0", **settings}  # fmt: skip
+        result = run_job(tag, env, work) | {"shape": args.shape, "backend": args.backend, "run": name}
+        results.append(result)
+        print("REAL " + json.dumps(result), flush=True)
+    with (args.out / "real-data.jsonl").open("a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in results)
+    print(table(results))
+    return 0 if all(r["exit"] == 0 for r in results) else 1
+
+
+def table(results: list[dict]) -> str:
+    lines = [
+        "| shape | backend | run | micro-batch x accumulation, checkpointing | useful tokens/s | vs full rows | "
+        "rows trained | wall s | first step s | peak GiB | estimated GiB | estimate error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    full = {(r["shape"], r["backend"]): r for r in results if r["run"] == RUNS["full"][0] and r["exit"] == 0}
+    for r in results:
+        if r["exit"]:
+            lines.append(f"| {r['shape']} | {r['backend']} | {r['run']} | exit {r['exit']} | | | | | | | | |")
+            continue
+        base = full.get((r["shape"], r["backend"]))
+        versus = f"{r['tokens_per_second'] / base['tokens_per_second']:.0%}" if base else ""
+        peak, estimate = r["peak_gpu_memory_gib"], r["estimated_peak_gpu_memory_gib"]
+        error = f"{estimate / peak - 1:+.0%}" if peak and estimate else ""
+        lines.append(
+            f"| {r['shape']} | {r['backend']} | {r['run']} | {r['micro_batch']} x {r['grad_accum']}, "
+            f"{'on' if r['activation_checkpointing'] else 'off'} | {r['tokens_per_second']:,.0f} | {versus} | "
+            f"{r['rows']} | {r['wall_seconds']} | {r['seconds_to_first_step']} | {peak} | {estimate} | {error} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
