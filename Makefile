@@ -82,7 +82,7 @@ run-local:
 bench-dry-run: setup
 	$(BIN)/python bench/dry_run.py
 
-.PHONY: bench  ## GPU benchmark: unsloth vs hf, 1B and 8B shapes, multi-GPU scaling (on a GPU host; docs/benchmarks.md)
+.PHONY: bench  ## GPU benchmark: unsloth vs hf, 1B and 8B shapes, multi-GPU scaling, the whole job on Alpaca-like rows (on a GPU host)
 bench:
 	$(PYTHON) bench/run.py
 

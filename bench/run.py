@@ -1,9 +1,10 @@
-"""`make bench`: the GPU benchmark table. Each backend of each shape runs in its own process
+"""`make bench`: the GPU benchmark tables. Each backend of each shape runs in its own process
 (bench/train_bench.py; unsloth patches transformers for the whole process), then unsloth again under
-torchrun on every GPU of the machine when it has more than one. Prints a markdown table with the
-unsloth/hf ratios and the multi-GPU scaling, ready for docs/benchmarks.md.
+torchrun on every GPU of the machine when it has more than one. Then the real-data section: the whole job
+through entrypoint.py on an Alpaca-like length mix, both backends (bench/real_data.py). Prints markdown
+tables with the unsloth/hf ratios, the multi-GPU scaling and the memory estimate, ready for docs/benchmarks.md.
 
-    python bench/run.py [--shapes llama-3.2-1b,llama-3-8b] [--steps 15] [--out results.jsonl]
+    python bench/run.py [--shapes llama-3.2-1b,llama-3-8b] [--steps 15] [--real-data llama-3-8b] [--out DIR]
 """
 
 import argparse
@@ -31,6 +32,7 @@ def main() -> int:
     parser.add_argument("--shapes", default="llama-3.2-1b,llama-3-8b")
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--gpus", type=int, default=None, help="GPUs for the torchrun row (default: all)")
+    parser.add_argument("--real-data", default="llama-3-8b", help="shape of the real-data section; none: skip it")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     args = parser.parse_args()
     import torch
@@ -48,7 +50,17 @@ def main() -> int:
     results = [r for r in results if r]
     (args.out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
     print(table(results))
-    return 0 if len(results) == len(args.shapes.split(",")) * (2 + (gpus > 1)) else 1
+    complete = len(results) == len(args.shapes.split(",")) * (2 + (gpus > 1))
+    if args.real_data != "none":
+        (args.out / "real-data.jsonl").unlink(missing_ok=True)
+        for backend in ("unsloth", "hf"):
+            command = [sys.executable, str(HERE / "real_data.py"), "--shape", args.real_data, "--backend", backend]
+            complete &= subprocess.run([*command, "--out", str(args.out)], stdout=subprocess.DEVNULL).returncode == 0
+        import real_data
+
+        lines = (args.out / "real-data.jsonl").read_text().splitlines()
+        print("\n" + real_data.table([json.loads(line) for line in lines]))
+    return 0 if complete else 1
 
 
 def table(results: list[dict]) -> str:
@@ -58,8 +70,9 @@ def table(results: list[dict]) -> str:
         f"QLoRA r=16 on all 7 projections, adamw_8bit, median of {first['steps_timed']} steps after warm-up, "
         f"bf16 matmul peak {first['matmul_peak_tflops']} TFLOP/s",
         "",
-        "| shape | backend | GPUs | s/step | tokens/s | peak GiB | to first step s | MFU | vs hf | scaling |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| shape | backend | GPUs | micro-batch, checkpointing | s/step | tokens/s | peak GiB | estimated GiB | "
+        "to first step s | MFU | vs hf | scaling |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     by_key = {(r["shape"], r["backend"], r["gpus"]): r for r in results}
     for r in results:
@@ -72,9 +85,11 @@ def table(results: list[dict]) -> str:
             else ""
         )
         scaling = f"{r['tokens_per_second'] / (single['tokens_per_second'] * r['gpus']):.0%}" if r["gpus"] > 1 else ""
+        checkpointing = "on" if r["checkpointing"] else "off"
         lines.append(
-            f"| {r['shape']} | {r['backend']} | {r['gpus']} | {r['seconds_per_step']} | {r['tokens_per_second']:,} | "
-            f"{r['peak_gpu_gib']} | {r['seconds_to_first_step']} | {r['mfu']:.1%} | {versus} | {scaling} |"
+            f"| {r['shape']} | {r['backend']} | {r['gpus']} | {r['micro_batch']}, {checkpointing} | "
+            f"{r['seconds_per_step']} | {r['tokens_per_second']:,} | {r['peak_gpu_gib']} | {r['estimated_gib']} | "
+            f"{r['seconds_to_first_step']} | {r['mfu']:.1%} | {versus} | {scaling} |"
         )
     return "\n".join(lines)
 
