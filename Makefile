@@ -21,7 +21,7 @@ BUILD_FLAGS = $(ENGINE_FLAGS) $(if $(PODMAN),--network host \
 
 .PHONY: help  ## list the targets
 help:
-	@grep -E '^\.PHONY: [a-z-]+ +## ' $(MAKEFILE_LIST) | sed -E 's/^\.PHONY: ([a-z-]+) +## (.*)/  make \1\t\2/' | expand -t 22
+	@grep -E '^\.PHONY: [a-z0-9-]+ +## ' $(MAKEFILE_LIST) | sed -E 's/^\.PHONY: ([a-z0-9-]+) +## (.*)/  make \1\t\2/' | expand -t 22
 
 .PHONY: setup  ## create .venv with the locked CPU dependency set and the dev tools (Python 3.11+)
 setup: $(VENV)/.installed
@@ -86,16 +86,23 @@ bench-dry-run: setup
 bench:
 	$(PYTHON) bench/run.py
 
-.PHONY: k8s-validate  ## build every kustomization and validate it strictly against Kubernetes 1.37's schemas
+.PHONY: k8s-render  ## write k8s/job.yaml (kubectl apply -f) from the kustomize base k8s/base/
+k8s-render: setup
+	@{ sed -n '1,/^---$$/p' k8s/job.yaml | sed '$$d'; echo "---"; $(BIN)/kubectl kustomize k8s/; } > .k8s-job.yaml
+	@mv .k8s-job.yaml k8s/job.yaml && echo "k8s/job.yaml written"
+
+.PHONY: k8s-validate  ## build every kustomization and validate it, and k8s/job.yaml, strictly against Kubernetes 1.37
 k8s-validate: setup
-	@set -e; for dir in k8s k8s/multi-gpu k8s/multi-node k8s/sweep; do \
+	@set -e; for dir in k8s k8s/multi-gpu k8s/multi-node k8s/sweep k8s/kueue; do \
 	  $(BIN)/kubectl kustomize $$dir > .k8s-rendered.yaml; \
 	  $(BIN)/kubernetes-validate --strict --quiet -k 1.37.0 .k8s-rendered.yaml; echo "$$dir: valid"; \
-	done; $(BIN)/kubernetes-validate --strict --quiet -k 1.37.0 k8s/secret.example.yaml; rm -f .k8s-rendered.yaml
+	done; rm -f .k8s-rendered.yaml
+	@set -e; for file in k8s/job.yaml k8s/secret.example.yaml; do \
+	  $(BIN)/kubernetes-validate --strict --quiet -k 1.37.0 $$file; echo "$$file: valid"; done
 
-.PHONY: k8s-apply  ## deploy the base Job to the current kubectl context (edit k8s/base/configmap.yaml first)
+.PHONY: k8s-apply  ## deploy k8s/job.yaml to the current kubectl context (edit its ConfigMap first)
 k8s-apply:
-	kubectl apply -k k8s/
+	kubectl apply -f k8s/job.yaml
 
 .PHONY: clean  ## remove .venv, demo outputs and caches
 clean:

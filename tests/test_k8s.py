@@ -65,7 +65,7 @@ def settings_of(monkeypatch, tmp_path):
     return read
 
 
-@pytest.mark.parametrize("variant", ["k8s", "k8s/multi-gpu", "k8s/multi-node", "k8s/sweep"])
+@pytest.mark.parametrize("variant", ["k8s", "k8s/multi-gpu", "k8s/multi-node", "k8s/sweep", "k8s/kueue"])
 def test_each_variant_names_its_run_after_the_job_and_runs_the_jobs_own_entry_point(variant, settings_of):
     docs = render(variant)
     env = pod_environment(docs)
@@ -81,6 +81,29 @@ def test_each_variant_names_its_run_after_the_job_and_runs_the_jobs_own_entry_po
     grace = docs["Job"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     if launch.wanted(settings):  # torchrun must leave the ranks time to commit their checkpoint after SIGTERM
         assert int(env.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", 30)) < grace
+
+
+def kustomize(variant: str) -> str:
+    kubectl = str(Path(sys.executable).with_name("kubectl"))
+    rendered = subprocess.run([kubectl, "kustomize", str(ROOT / variant)], capture_output=True, text=True)
+    assert rendered.returncode == 0, rendered.stderr
+    return rendered.stdout
+
+
+def test_k8s_job_yaml_is_the_base_rendered_and_applies_without_kustomize():
+    """`kubectl apply -f k8s/job.yaml` deploys exactly what `kubectl apply -k k8s/` does (make k8s-render)."""
+    header, _, body = (ROOT / "k8s" / "job.yaml").read_text().partition("\n---\n")
+    assert body == kustomize("k8s"), "k8s/job.yaml is stale: run make k8s-render"
+    assert all(line.startswith("#") for line in header.splitlines()) and "kubectl apply -f k8s/job.yaml" in header
+    kinds = [doc["kind"] for doc in yaml.safe_load_all(body)]
+    assert sorted(kinds) == ["ConfigMap", "Job", "ServiceAccount"]
+
+
+def test_kueue_variant_only_adds_the_queue_label():
+    base, queued = render("k8s"), render("k8s/kueue")
+    labels = queued["Job"]["metadata"]["labels"]
+    assert labels.pop("kueue.x-k8s.io/queue-name") == "user-queue"
+    assert queued == base
 
 
 def test_multi_node_pods_meet_at_pod_0_as_consecutive_node_ranks(settings_of):

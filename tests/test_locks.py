@@ -2,6 +2,7 @@
 dependency and its lock disagree."""
 
 import re
+import subprocess
 import tomllib
 
 import pytest
@@ -52,3 +53,12 @@ def test_gpu_set_is_unsloths_range():
     gpu = pins("gpu.txt")
     assert gpu["unsloth"] == {"2026.10.9"} and gpu["trl"] == {"1.14.2"} and gpu["transformers"] == {"5.17.0"}
     assert gpu["torch"] == {"2.10.0"} and gpu["xformers"] == {"0.0.35"} and "bitsandbytes" in gpu
+
+
+def test_make_help_lists_every_target():
+    makefile = (ROOT / "Makefile").read_text()
+    targets = set(re.findall(r"^([a-z0-9][a-z0-9-]*):", makefile, flags=re.M))
+    documented = set(re.findall(r"^\.PHONY: ([a-z0-9-]+) +## ", makefile, flags=re.M))
+    assert targets == documented, f"targets without a ## line: {sorted(targets - documented)}"
+    shown = subprocess.run(["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert set(re.findall(r"make ([a-z0-9-]+)", shown)) == targets
