@@ -10,8 +10,10 @@ memory, 75 temporary (storage unreachable, or another attempt holds the run), 77
 
 import json
 import logging
+import os
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,8 +44,9 @@ class Inputs:
 def main() -> int:
     try:
         settings = read_settings()
-    except ConfigInvalid as exc:
-        logs.setup("auto")
+    except ConfigInvalid as exc:  # reported in the format asked for, when that much could be read
+        fmt = os.environ.get("LOG_FORMAT", "auto").strip().lower()
+        logs.setup(fmt if fmt in ("json", "text") else "auto")
         return fail(exc, None, None)
     logs.setup(settings.LOG_FORMAT, settings.RANK if settings.WORLD_SIZE > 1 else None)
     if launch.wanted(settings):
@@ -175,8 +178,17 @@ def attempt(settings: Settings, storage: Storage, run: Run, config: dict, lease)
         publish.publish(storage, run, summary, settings.IMAGE_VERSION)
     # The adapter is the result; a checkpoint's optimizer state only serves a resume, and storage costs money.
     storage.delete_tree(run.uri(CHECKPOINTS))
-    log.info("done: %s", run.uri("report.md"), extra={"fields": {"metrics": metrics.__dict__}})
+    log.info(
+        "done in %.0f s: loss %s -> %s, eval loss %s, %d steps, %d rows and %d tokens at %s tokens/s; report %s, "
+        "adapter %s", time.time() - logs.STARTED, _num(metrics.first_loss), _num(metrics.final_loss),
+        _num(metrics.eval_loss), metrics.steps, metrics.rows, metrics.tokens, metrics.tokens_per_second,
+        run.uri("report.md"), run.uri(ADAPTER), extra={"fields": {"metrics": metrics.__dict__}},
+    )  # fmt: skip
     return 0
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def start_attempt(storage: Storage, run: Run, config: dict, lease) -> tuple[int | None, Path | None]:

@@ -37,6 +37,16 @@ class _TextFormatter(logging.Formatter):
         return redact(super().format(record))
 
 
+class _AboveBars(logging.StreamHandler):
+    """Text lines written above the progress bars (tqdm.write), so that a bar is never cut in two."""
+
+    def emit(self, record):
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
 def setup(log_format: str, rank: int | None = None) -> None:
     """log_format: json, text, or auto (json unless stderr is a terminal). Under torchrun (rank given),
     lines carry the rank, and ranks other than 0 log warnings and errors only."""
@@ -45,7 +55,7 @@ def setup(log_format: str, rank: int | None = None) -> None:
     if use_json:  # datasets' and the Hub's own bars (map, weight loading) would interleave with the JSON lines
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(sys.stderr) if use_json else _AboveBars(sys.stderr)
     handler.addFilter(_StageFilter())
     fmt = "%(asctime)s %(levelname)s [%(stage)s] %(message)s"
     handler.setFormatter(_JsonFormatter() if use_json else _TextFormatter(fmt, "%H:%M:%S"))

@@ -235,13 +235,16 @@ def step_logger(path: Path, main: bool, resumed: Path | None):
             self.write(row)
             if not main:
                 return
-            if not logs.is_json():
-                self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-                return
+            if not logs.is_json():  # the bar shows the train loss; a line every twentieth of the run, and the last
+                if "loss" in values:
+                    self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                every = max(1, state.max_steps // 20)
+                if "loss" in values and state.global_step % every and state.global_step != state.max_steps:
+                    return
             log.info(
-                "step %d/%d %s %.4f, %s tokens/s, eta %ss",
+                "step %d/%d %s %.4f, lr %.3g, %s tokens/s, eta %ss",
                 state.global_step, state.max_steps, "loss" if "loss" in values else "eval loss", loss,
-                row["tokens_per_second"], row["eta_seconds"], extra={"fields": row},
+                values.get("learning_rate", 0), row["tokens_per_second"], row["eta_seconds"], extra={"fields": row},
             )  # fmt: skip
 
     return StepLog()

@@ -5,6 +5,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -349,3 +350,27 @@ def test_torchrun_with_two_cpu_processes_publishes_once(run_job, s3, bucket):
     assert {line["message"] for line in lines if "rank 1" in line["stage"]} <= {"rank 1 of 2 (local rank 1)"}
     rows = [json.loads(line) for line in files["train_log.jsonl"].decode().splitlines()]
     assert [row["step"] for row in rows if "loss" in row] == [1, 2, 3]
+
+
+def test_text_mode_shows_step_lines_a_closing_summary_and_text_errors(run_job, s3, bucket):
+    """LOG_FORMAT=text (what a terminal gets): step lines beside the bar, the train loss on the bar, a closing
+    summary naming the report and the adapter; and a configuration error as a text line, not JSON."""
+    rows = [{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(40)]
+    dataset = put(s3, bucket, "d.jsonl", jsonl(rows))
+    result = run_job({"DRY_RUN": "true", "DRY_RUN_STEPS": "4", "DATASET_URI": dataset, "EVAL_FRACTION": "0.1",
+                      "OUTPUT_URI": f"s3://{bucket}/runs", "LOG_FORMAT": "text", "RUN_ID": "text"})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    err = result.stderr
+    assert not any(line.startswith('{"') for line in err.splitlines())
+    assert re.search(r"\[train\] step 4/4 loss \d+\.\d+, lr [0-9.e-]+, [0-9.]+ tokens/s, eta", err), err[-2000:]
+    assert re.search(r"\[train\] step 4/4 eval loss \d+\.\d+", err)
+    assert re.search(r"loss=\d+\.\d+", err), "the bar shows the loss"
+    done = re.search(r"done in \d+ s: loss (\S+) -> (\S+), eval loss (\S+), 4 steps, \d+ rows and \d+ tokens", err)
+    assert done and float(done[1]) > 0 and float(done[3]) > 0, err[-2000:]
+    assert f"report s3://{bucket}/runs/text/report.md, adapter s3://{bucket}/runs/text/adapter" in err
+
+    bad = run_job({"DATASET_URI": dataset, "OUTPUT_URI": f"s3://{bucket}/runs", "LOG_FORMAT": "text",
+                   "LORA_R": "zero"})  # fmt: skip
+    assert bad.returncode == 78
+    [line] = [line for line in bad.stderr.splitlines() if "LORA_R" in line]
+    assert " ERROR [start] " in line and not line.startswith("{")
