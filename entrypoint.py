@@ -22,7 +22,7 @@ from job import checkpoints, data, distributed, launch, logs, memory, model, pre
 from job.context import ADAPTER, CHECKPOINTS, CONFIG, FAILURE, MANIFEST, Device, Run
 from job.errors import ConfigInvalid, GpuOutOfMemory, JobError, Preempted, redact
 from job.settings import Settings, read_settings
-from job.storage import Storage, join
+from job.storage import Storage, is_s3, join
 
 log = logging.getLogger("job")
 
@@ -49,6 +49,9 @@ def main() -> int:
         logs.setup(fmt if fmt in ("json", "text") else "auto")
         return fail(exc, None, None)
     logs.setup(settings.LOG_FORMAT, settings.RANK if settings.WORLD_SIZE > 1 else None)
+    if is_s3(settings.BASE_MODEL) or Path(settings.BASE_MODEL).is_dir():
+        # Nothing to fetch from the Hub: never wait on its retries (before huggingface_hub reads this, on import).
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if launch.wanted(settings):
         return launch.torchrun(settings)
     preemption.install()
