@@ -10,7 +10,7 @@ from importlib import metadata
 from pathlib import Path
 
 from job import __version__, report
-from job.context import ATTEMPTS, CONFIG, FAILURE, MANIFEST, TRAIN_LOG, Run
+from job.context import ADAPTER, ATTEMPTS, CONFIG, FAILURE, MANIFEST, TRAIN_LOG, Run
 from job.storage import Storage, files_under, sha256_of
 from job.train import Metrics
 
@@ -51,6 +51,12 @@ def write_outputs(stage: Path, summary: Summary, samples: list[dict], config: di
     (stage / ATTEMPTS).write_text(json.dumps(summary.attempts, indent=1) + "\n")
     plot_loss(stage / TRAIN_LOG, stage / "loss.png")
     (stage / "report.md").write_text(report.render(summary, samples, config))
+    # The adapter loads anywhere: its base is BASE_MODEL as the user gave it, never the job's scratch folder.
+    adapter_config = stage / ADAPTER / "adapter_config.json"
+    adapter = json.loads(adapter_config.read_text())
+    adapter["base_model_name_or_path"] = summary.base_model["name"]
+    adapter_config.write_text(json.dumps(adapter, indent=2) + "\n")
+    (stage / ADAPTER / "README.md").write_text(report.model_card(summary, config))
 
 
 def plot_loss(train_log: Path, target: Path) -> None:

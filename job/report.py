@@ -87,5 +87,89 @@ def render(summary, samples: list[dict], config: dict) -> str:
     return "\n".join(lines)
 
 
+def _value(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 def _num(value) -> str:
     return "n/a" if value is None else f"{value:.4g}"
+
+
+# Settings a reader of the adapter wants beside it (the full configuration is in ../config.json).
+CARD_SETTINGS = ("LORA_R", "LORA_ALPHA", "LORA_DROPOUT", "LORA_TARGET_MODULES", "LOAD_IN_4BIT", "MAX_SEQ_LENGTH",
+                 "PACKING", "TRAIN_ON_RESPONSES_ONLY", "LEARNING_RATE", "LR_SCHEDULER", "OPTIMIZER",
+                 "PER_DEVICE_BATCH_SIZE", "GRAD_ACCUM_STEPS", "MAX_STEPS", "NUM_EPOCHS", "SEED")  # fmt: skip
+
+
+def model_card(summary, config: dict) -> str:
+    """adapter/README.md: what the adapter is, how it was trained, and how to load it with peft, unsloth and vLLM."""
+    base, m, dataset = summary.base_model["name"], summary.metrics, summary.dataset
+    hub = "://" not in base and not base.startswith(("/", ".", "~"))
+    digest = ", ".join(f"`{f['path']}` sha256 {f['sha256'][:16]}…" for f in dataset["files"][:5])
+    source = f'"{base}"' if hub else '"/path/to/base-model"  # a local copy of ' + base
+    front = ["---", *([f"base_model: {base}"] if hub else []), "library_name: peft", "pipeline_tag: text-generation",
+             "tags: [lora, sft, trl" + (", unsloth" if summary.backend == "unsloth" else "") + "]", "---"]  # fmt: skip
+    lines = [
+        *front,
+        "",
+        f"# LoRA adapter of run `{summary.run_id}`"
+        + (" (dry run: a tiny random model, not for use)" if summary.dry_run else ""),
+        "",
+        f"A LoRA adapter for `{base}`, trained with TRL's SFTTrainer ({summary.backend} backend) on `{dataset['uri']}`:"
+        f" {dataset['train_rows']} training rows ({dataset['format']}; {digest}), {m.steps} steps, {m.epochs} epochs,"
+        f" {m.tokens:,} tokens. Its tokenizer, saved beside it, carries the chat template it was trained with"
+        f" ({summary.chat_template}).",
+        "",
+        "| first loss | final loss | eval loss |",
+        "|---|---|---|",
+        f"| {_num(m.first_loss)} | {_num(m.final_loss)} | {_num(m.eval_loss)} |",
+        "",
+        "The run's report, with samples, the loss curve and every setting: [../report.md](../report.md).",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        *(
+            f"| {k} | `{_value(config[k])}` |"
+            for k in CARD_SETTINGS
+            if config.get(k) is not None and not (k == "NUM_EPOCHS" and config.get("MAX_STEPS"))
+        ),
+        "",
+        "## Load it",
+        "",
+        "With transformers and peft:",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'base = AutoModelForCausalLM.from_pretrained({source}, device_map="auto")',
+        'model = PeftModel.from_pretrained(base, "path/to/adapter")',
+        'tokenizer = AutoTokenizer.from_pretrained("path/to/adapter")',
+        "```",
+        "",
+        "With Unsloth (it finds the base model through `base_model_name_or_path` in adapter_config.json"
+        + ("" if hub else "; set it to your local copy first")
+        + "):",
+        "",
+        "```python",
+        "from unsloth import FastLanguageModel",
+        "",
+        'model, tokenizer = FastLanguageModel.from_pretrained("path/to/adapter", max_seq_length='
+        f"{config.get('MAX_SEQ_LENGTH')}, load_in_4bit=True)",
+        "FastLanguageModel.for_inference(model)",
+        "```",
+        "",
+        "With vLLM's LoRA support (it serves adapters on a 16-bit base model: for a pre-quantized base such as"
+        " `unsloth/llama-3-8b-bnb-4bit`, give its 16-bit original, `unsloth/llama-3-8b`):",
+        "",
+        "```python",
+        "from vllm import LLM, SamplingParams",
+        "from vllm.lora.request import LoRARequest",
+        "",
+        f'llm = LLM(model="<the 16-bit base model>", enable_lora=True, max_lora_rank={config.get("LORA_R")})',
+        'outputs = llm.generate(["..."], SamplingParams(max_tokens=128), lora_request=LoRARequest("adapter", 1, '
+        '"path/to/adapter"))',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

@@ -127,7 +127,7 @@ def test_a_run_that_failed_then_succeeds_keeps_no_failure_record(run_job, s3, bu
     assert "runs/retried/manifest.json" in objects and "runs/retried/failure.json" not in objects
 
 
-def test_real_cpu_training_from_an_s3_model_learns(run_job, s3, bucket, tiny_model_dir):
+def test_real_cpu_training_from_an_s3_model_learns(run_job, s3, bucket, tiny_model_dir, tmp_path):
     """The hf backend trains for real (30 steps, LoRA on the tiny Llama fetched from s3://); loss falls."""
     for path in tiny_model_dir.iterdir():
         put(s3, bucket, f"models/tiny/{path.name}", path.read_bytes())
@@ -152,6 +152,28 @@ def test_real_cpu_training_from_an_s3_model_learns(run_job, s3, bucket, tiny_mod
     config = json.loads(files["adapter/adapter_config.json"])
     assert config["r"] == 8 and set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj",
                                                                   "gate_proj", "up_proj", "down_proj"}  # fmt: skip
+    # The adapter names the base as the user gave it (not the job's scratch folder), carries a real model card,
+    # and loads with peft alone onto a copy of that base.
+    assert config["base_model_name_or_path"] == f"s3://{bucket}/models/tiny/"
+    card = files["adapter/README.md"].decode()
+    assert "More Information Needed" not in card and f"s3://{bucket}/models/tiny/" in card
+    for text in ("PeftModel.from_pretrained", "FastLanguageModel.from_pretrained", "LoRARequest", "../report.md",
+                 f"{metrics['final_loss']:.4g}", f"{metrics['eval_loss']:.4g}", "| LORA_R | `8` |"):  # fmt: skip
+        assert text in card, text
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    for name, body in files.items():
+        if name.startswith("adapter/"):
+            (adapter / name.removeprefix("adapter/")).write_bytes(body)
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[1, 5, 9, 13, 17]])
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    before = base(ids).logits
+    tuned = PeftModel.from_pretrained(base, adapter)
+    assert not torch.allclose(tuned(ids).logits, before, atol=1e-4), "the loaded adapter changes the model"
 
 
 def _safetensors(body: bytes) -> dict:
