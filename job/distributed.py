@@ -53,6 +53,18 @@ def any_rank(device: Device, flag: bool) -> bool:
     return bool(value.item())
 
 
+def least(device: Device, value: int) -> int:
+    """The smallest of every rank's value: ranks must train with one plan, or DDP hangs."""
+    if device.world_size == 1:
+        return value
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor([value], dtype=torch.int64, device=f"cuda:{device.local_rank}" if device.cuda else "cpu")
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
 def barrier(device: Device) -> None:
     if device.world_size > 1:
         import torch.distributed as dist

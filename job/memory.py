@@ -2,12 +2,13 @@
 micro-batch, accumulation and activation checkpointing that use the GPU while keeping the effective batch.
 
 The estimate is weights + LoRA state + tokens x (activations + LM head), with two constants per backend fitted
-to peaks measured on an H200 (docs/benchmarks.md, "memory"); `make bench` prints it beside each measured peak.
+to peaks measured on an H200 (docs/benchmarks.md, "real data"); `make bench` prints it beside each measured peak.
 """
 
 import logging
 from dataclasses import asdict, dataclass
 
+from job import distributed
 from job.errors import GpuOutOfMemory
 
 log = logging.getLogger(__name__)
@@ -15,7 +16,7 @@ log = logging.getLogger(__name__)
 GIB = 2**30
 # Bytes a token keeps per element of a layer's linear widths (the sum of in and out features over its linear
 # layers), in a layer whose activations are stored; and bytes a token keeps per vocabulary entry for the LM head
-# and loss. Fitted per backend to the measured peaks (docs/benchmarks.md, "memory").
+# and loss. Fitted per backend to the measured peaks (docs/benchmarks.md, "real data").
 ACTIVATION = {"unsloth": 1.46, "hf": 2.73}
 HEAD = {"unsloth": 0.19, "hf": 0.19}
 # The CUDA context's workspace, the allocator's rounding and kernels' scratch.
@@ -100,8 +101,10 @@ def plan(settings, device, backend: str, config, row_tokens: int) -> Plan:
         return Plan(*given, True, None, None, "BASE_MODEL's configuration is unreadable: as given, checkpointing on")
     import torch
 
-    free = torch.cuda.mem_get_info(device.local_rank)[0]
-    return choose(settings, backend, shape(config, settings), row_tokens, free, f"GPU {device.local_rank}")
+    # Every rank plans with the least free memory of any: one plan for all, or DDP hangs.
+    free = distributed.least(device, torch.cuda.mem_get_info(device.local_rank)[0])
+    gpu = f"GPU {device.local_rank}" if device.world_size == 1 else "the fullest GPU"
+    return choose(settings, backend, shape(config, settings), row_tokens, free, gpu)
 
 
 def choose(settings, backend: str, sizes: Shape, row_tokens: int, free: int, gpu: str = "the GPU") -> Plan:

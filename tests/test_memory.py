@@ -108,3 +108,23 @@ def test_another_split_of_the_same_batch_trains_the_same_run(run_job, s3, bucket
     assert len(losses[(2, 4)]) == 6
     assert torch.allclose(torch.tensor(losses[(2, 4)]), torch.tensor(losses[(8, 1)]), rtol=1e-4), losses
     assert not torch.allclose(torch.tensor(losses[(2, 4)]), torch.tensor(losses[(4, 1)]), rtol=1e-2), losses
+
+
+def _least(rank: int, rendezvous: str, out) -> None:
+    import torch.distributed as dist
+
+    from job import distributed
+    from job.context import Device
+
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    out[rank] = distributed.least(Device(False, False, rank, rank, 2), [7 * GIB, 3 * GIB][rank])
+    dist.destroy_process_group()
+
+
+def test_every_rank_plans_with_the_least_free_memory_of_any(tmp_path):
+    """Ranks with different free memory (a shared GPU) must still train one plan, or DDP hangs."""
+    import torch.multiprocessing as mp
+
+    out = mp.Manager().dict()
+    mp.spawn(_least, args=(str(tmp_path / "rendezvous"), out), nprocs=2)
+    assert dict(out) == {0: 3 * GIB, 1: 3 * GIB}
