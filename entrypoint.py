@@ -18,7 +18,21 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from job import checkpoints, data, distributed, launch, logs, memory, model, preemption, publish, runs, samples, train
+from job import (
+    checkpoints,
+    data,
+    distributed,
+    export,
+    launch,
+    logs,
+    memory,
+    model,
+    preemption,
+    publish,
+    runs,
+    samples,
+    train,
+)
 from job.context import ADAPTER, CHECKPOINTS, CONFIG, FAILURE, MANIFEST, Device, Run
 from job.errors import ConfigInvalid, GpuOutOfMemory, JobError, Preempted, redact
 from job.settings import Settings, read_settings
@@ -49,7 +63,7 @@ def main() -> int:
         logs.setup(fmt if fmt in ("json", "text") else "auto")
         return fail(exc, None, None)
     logs.setup(settings.LOG_FORMAT, settings.RANK if settings.WORLD_SIZE > 1 else None)
-    if is_s3(settings.BASE_MODEL) or Path(settings.BASE_MODEL).is_dir():
+    if all(is_s3(uri) or Path(uri).is_dir() for uri in (settings.BASE_MODEL, settings.BASE_MODEL_16BIT) if uri):
         # Nothing to fetch from the Hub: never wait on its retries (before huggingface_hub reads this, on import).
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if launch.wanted(settings):
@@ -120,7 +134,11 @@ def attempt(settings: Settings, storage: Storage, run: Run, config: dict, lease)
         eval_ds = data.tokenize(tokenizer, held_out, settings.TRAIN_ON_RESPONSES_ONLY) if held_out else None
         prompt_rows = inputs.sample_prompts or (held_out or train_rows)[: settings.NUM_SAMPLE_PROMPTS]
         sample_inputs = data.sample_inputs(tokenizer, prompt_rows)
-        # Before any weight is loaded: a configuration that cannot fit exits 70 here.
+        # Before any weight is loaded: a configuration that cannot fit exits 70 here, and an export that could only
+        # merge into 4-bit weights 78.
+        quantized = settings.EXPORT == "merged_16bit" and model.checkpoint_quantized(base, settings)
+        if settings.EXPORT == "merged_16bit" and not run.dry_run:
+            export.source_16bit(settings, quantized)
         row_tokens = settings.MAX_SEQ_LENGTH if settings.PACKING else min(settings.MAX_SEQ_LENGTH, lengths["longest"])
         plan = memory.plan(settings, device, run.backend, model.config_of(base, settings, device), row_tokens)
         log.info(
@@ -146,6 +164,12 @@ def attempt(settings: Settings, storage: Storage, run: Run, config: dict, lease)
 
     with logs.stage("samples", timings):
         rows = samples.generate(lm, tokenizer, run.stage / ADAPTER, sample_inputs, settings.MAX_NEW_TOKENS, run.backend)
+
+    if settings.EXPORT == "merged_16bit":
+        with logs.stage("export", timings):
+            if settings.LOAD_IN_4BIT:  # the 16-bit base is loaded next: the training model's memory goes first
+                lm = None
+            export.merge(settings, storage, run.stage, run.scratch, lm, tokenizer, quantized)
 
     with logs.stage("publish", timings):
         with preemption.deferred():  # the last checkpoints, so that the manifest can say what became of them

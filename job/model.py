@@ -111,6 +111,15 @@ def config_of(base: Base, settings, device: Device):
     return base.tiny_config or _config(base.source, settings)
 
 
+def checkpoint_quantized(base: Base, settings) -> bool:
+    """Whether BASE_MODEL's checkpoint holds quantized weights (a pre-quantized bnb-4bit model); False when its
+    configuration cannot be read or a dry run's tiny model stands in."""
+    if base.tiny_config is not None or not base.source:
+        return False
+    config = _config(base.source, settings)
+    return getattr(config, "quantization_config", None) is not None
+
+
 def parameter_count(config) -> int:
     """Parameters of a model of this configuration, counted without allocating it."""
     import torch

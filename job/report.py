@@ -72,7 +72,13 @@ def render(summary, samples: list[dict], config: dict) -> str:
         "",
         "## Files",
         "",
-        "- [adapter/](adapter/): the PEFT LoRA adapter and the tokenizer with its chat template",
+        "- [adapter/](adapter/): the PEFT LoRA adapter and the tokenizer with its chat template (README.md: how to"
+        " load it)",
+        *(
+            ["- [merged/](merged/): the adapter merged into the base model's 16-bit weights"]
+            if config.get("EXPORT") == "merged_16bit"
+            else []
+        ),
         "- [samples.jsonl](samples.jsonl), [metrics.json](metrics.json), [train_log.jsonl](train_log.jsonl),"
         " [loss.png](loss.png), [config.json](config.json)",
         "- [manifest.json](manifest.json): every file with its size and sha256; written last",

@@ -35,9 +35,9 @@ NOT_TRAINED = frozenset({
     "DATASET_URI", "OUTPUT_URI", "RUN_ID", "RUN_NAME", "ENV_FILE", "SCRATCH_DIR", "CHECKPOINT_EVERY_STEPS",
     "CHECKPOINT_KEEP", "SAMPLE_PROMPTS_URI", "NUM_SAMPLE_PROMPTS", "MAX_NEW_TOKENS", "LEASE_SECONDS", "RANK",
     "LOCAL_RANK", "NPROC_PER_NODE", "NNODES", "NODE_RANK", "RDZV_ENDPOINT", "TORCHELASTIC_RUN_ID", "SWEEP_FILE",
-    "JOB_COMPLETION_INDEX", "IMAGE_VERSION", "AUTO_BATCH", "LOG_FORMAT", "HF_TOKEN", "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3",
-    "AWS_ENDPOINT_URL",
+    "JOB_COMPLETION_INDEX", "IMAGE_VERSION", "AUTO_BATCH", "EXPORT", "BASE_MODEL_16BIT", "LOG_FORMAT", "HF_TOKEN",
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL",
 })  # fmt: skip
 
 # The platform's own variables are never taken for misspelled settings, however close: those of the container
@@ -89,6 +89,11 @@ class Settings(BaseSettings):
     """Names the run's folder; default: RUN_NAME- (when set) and a short hash of what is trained and on what data."""
     RUN_NAME: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,47}$")
     """Readable prefix of the default RUN_ID (RUN_NAME-<hash>); Kubernetes sets the Job's name; ignored with RUN_ID."""
+    EXPORT: Literal["adapter", "merged_16bit"] = "adapter"
+    """adapter: the LoRA adapter alone; merged_16bit: also the adapter merged into the 16-bit base (merged/)."""
+    BASE_MODEL_16BIT: str | None = None
+    """BASE_MODEL's 16-bit original for EXPORT=merged_16bit when BASE_MODEL holds 4-bit weights (Hub id, folder,
+    s3://); derived for unsloth's pre-quantized ids."""
     ENV_FILE: str = ".env"
     """A dotenv file read at start; the real environment wins over it."""
     SCRATCH_DIR: str = Field(default_factory=_default_scratch)
@@ -221,7 +226,7 @@ class Settings(BaseSettings):
     def _split_commas(cls, value):
         return [name.strip() for name in value.split(",") if name.strip()] if isinstance(value, str) else value
 
-    @field_validator("DATASET_URI", "OUTPUT_URI", "BASE_MODEL", "SAMPLE_PROMPTS_URI")
+    @field_validator("DATASET_URI", "OUTPUT_URI", "BASE_MODEL", "SAMPLE_PROMPTS_URI", "BASE_MODEL_16BIT")
     @classmethod
     def _check_address(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None:
