@@ -22,10 +22,10 @@ def source_16bit(settings, quantized: bool) -> str:
     quantized (quantized: its config has a quantization_config), else a known pre-quantized id's original."""
     if settings.BASE_MODEL_16BIT:
         return settings.BASE_MODEL_16BIT
+    if match := PREQUANTIZED.match(settings.BASE_MODEL):  # quantized, whether or not its config could be read
+        return match[1]
     if not quantized:
         return settings.BASE_MODEL
-    if match := PREQUANTIZED.match(settings.BASE_MODEL):
-        return match[1]
     raise ConfigInvalid(
         f"EXPORT=merged_16bit: BASE_MODEL={settings.BASE_MODEL} holds 4-bit weights, and a merge into them loses "
         "the adapter's precision: set BASE_MODEL_16BIT to its 16-bit original (a Hub id, local folder or s3:// prefix)"

@@ -89,8 +89,8 @@ class Settings(BaseSettings):
     """Names the run's folder; default: RUN_NAME- (when set) and a short hash of what is trained and on what data."""
     RUN_NAME: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,47}$")
     """Readable prefix of the default RUN_ID (RUN_NAME-<hash>); Kubernetes sets the Job's name; ignored with RUN_ID."""
-    EXPORT: Literal["adapter", "merged_16bit"] = "adapter"
-    """adapter: the LoRA adapter alone; merged_16bit: also the adapter merged into the 16-bit base (merged/)."""
+    EXPORT: Literal["none", "merged_16bit"] = "none"
+    """What to write beside the adapter: none, or merged_16bit: the adapter merged into the 16-bit base (merged/)."""
     BASE_MODEL_16BIT: str | None = None
     """BASE_MODEL's 16-bit original for EXPORT=merged_16bit when BASE_MODEL holds 4-bit weights (Hub id, folder,
     s3://); derived for unsloth's pre-quantized ids."""

@@ -39,6 +39,7 @@ def test_the_16bit_weights_are_found_or_asked_for():
         return export.source_16bit(Settings(DATASET_URI="x", OUTPUT_URI="y", **given), quantized)
 
     assert source(True, BASE_MODEL="unsloth/llama-3-8b-bnb-4bit") == "unsloth/llama-3-8b"
+    assert source(False, BASE_MODEL="unsloth/llama-3-8b-bnb-4bit") == "unsloth/llama-3-8b", "config unreadable"
     assert source(True, BASE_MODEL="unsloth/Qwen3-8B-unsloth-bnb-4bit") == "unsloth/Qwen3-8B"
     assert source(False, BASE_MODEL="s3://b/models/llama/") == "s3://b/models/llama/"
     assert source(True, BASE_MODEL="s3://b/q/", BASE_MODEL_16BIT="s3://b/full/") == "s3://b/full/"
@@ -93,3 +94,22 @@ def test_a_run_with_export_publishes_a_merged_model_equal_to_base_plus_adapter(
     expected, got = logits_with_adapter(tiny_model_dir, run / "adapter"), logits_of(run / "merged")
     assert (got - expected).abs().max() <= TOLERANCE
     assert (got - logits_of(tiny_model_dir)).abs().max() > 100 * TOLERANCE, "the adapter is in the merged weights"
+
+
+def test_a_4bit_checkpoint_without_its_16bit_original_is_78_before_training(
+    run_job, s3, bucket, tiny_model_dir, tmp_path
+):
+    import shutil
+
+    quantized = tmp_path / "model-4bit"
+    shutil.copytree(tiny_model_dir, quantized)
+    config = json.loads((quantized / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    (quantized / "config.json").write_text(json.dumps(config))
+    rows = [json.loads(line) for line in DEMO_DATA.read_text().splitlines()][:8]
+    result = run_job({"BASE_MODEL": str(quantized), "DATASET_URI": put(s3, bucket, "d.jsonl", jsonl(rows)),
+                      "OUTPUT_URI": f"s3://{bucket}/runs", "RUN_ID": "q", "TRAIN_BACKEND": "hf",
+                      "LOAD_IN_4BIT": "false",
+                      "OPTIMIZER": "adamw_torch", "EXPORT": "merged_16bit"})  # fmt: skip
+    assert result.returncode == 78, result.stderr[-3000:]
+    assert "set BASE_MODEL_16BIT" in result.stderr and '"stage": "train"' not in result.stderr
