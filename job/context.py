@@ -18,6 +18,7 @@ CHECKPOINTS = "checkpoints"  # step-N/ folders, each committed by its MARKER wri
 MARKER = "COMMITTED.json"
 ADAPTER = "adapter"
 TRAIN_LOG = "train_log.jsonl"
+TENSORBOARD = "tensorboard"  # REPORT_TO=tensorboard: event files, carried in each checkpoint across attempts
 
 
 @dataclass(frozen=True)

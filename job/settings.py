@@ -35,8 +35,8 @@ NOT_TRAINED = frozenset({
     "DATASET_URI", "OUTPUT_URI", "RUN_ID", "RUN_NAME", "ENV_FILE", "SCRATCH_DIR", "CHECKPOINT_EVERY_STEPS",
     "CHECKPOINT_KEEP", "SAMPLE_PROMPTS_URI", "NUM_SAMPLE_PROMPTS", "MAX_NEW_TOKENS", "LEASE_SECONDS", "RANK",
     "LOCAL_RANK", "NPROC_PER_NODE", "NNODES", "NODE_RANK", "RDZV_ENDPOINT", "TORCHELASTIC_RUN_ID", "SWEEP_FILE",
-    "JOB_COMPLETION_INDEX", "IMAGE_VERSION", "AUTO_BATCH", "EXPORT", "BASE_MODEL_16BIT", "LOG_FORMAT", "HF_TOKEN",
-    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
+    "JOB_COMPLETION_INDEX", "IMAGE_VERSION", "AUTO_BATCH", "EXPORT", "BASE_MODEL_16BIT", "REPORT_TO", "LOG_FORMAT",
+    "HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
     "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL",
 })  # fmt: skip
 
@@ -176,6 +176,8 @@ class Settings(BaseSettings):
     """Training steps in a dry run."""
     LEASE_SECONDS: int = Field(default=60, ge=2)
     """One attempt trains a run at a time, renewing its hold every LEASE_SECONDS/4; one left that long is taken over."""
+    REPORT_TO: Literal["none", "tensorboard"] = "none"
+    """tensorboard: TensorBoard event files of the training metrics, published in OUTPUT_URI/RUN_ID/tensorboard/."""
     LOG_FORMAT: Literal["auto", "json", "text"] = "auto"
     """json: one JSON object per line; text: readable lines and progress bars; auto: json unless a terminal."""
     IMAGE_VERSION: str | None = None

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from job import distributed, logs, preemption
-from job.context import ADAPTER, TRAIN_LOG, Run
+from job.context import ADAPTER, TENSORBOARD, TRAIN_LOG, Run
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +94,15 @@ def train(
     if run.device.cuda:
         torch.cuda.reset_peak_memory_stats()
     step_log = step_logger(run.stage / TRAIN_LOG, run.device.rank_zero, resume)
-    stop = lifecycle(run, uploader, lease, step_log)
+    board = tensorboard(run, resume) if settings.REPORT_TO == "tensorboard" and run.device.rank_zero else None
+    stop = lifecycle(run, uploader, lease, step_log, board)
     trainer = SFTTrainer(
         model=model,
         args=sft_config(settings, run, plan, eval_ds is not None),
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        callbacks=[step_log, stop],
+        callbacks=[step_log, stop] + ([board] if board else []),
     )
     # step_log prints progress itself: as log lines in JSON mode, as one tqdm bar in text mode.
     trainer.remove_callback(PrinterCallback)
@@ -151,10 +152,21 @@ def packing_mode(trainer) -> str:
     return f"{'bfd' if trainer.args.packing else 'off'}, {'padding-free' if trainer.padding_free else 'padded'}"
 
 
-def lifecycle(run: Run, uploader, lease, step_log):
+def tensorboard(run: Run, resume: Path | None):
+    """transformers' TensorBoard callback writing to the stage's tensorboard/ (published with the run), which
+    starts from the event files that the resumed checkpoint carries."""
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    if resume is not None and (resume / TENSORBOARD).is_dir():
+        shutil.copytree(resume / TENSORBOARD, run.stage / TENSORBOARD, dirs_exist_ok=True)
+    return TensorBoardCallback(SummaryWriter(log_dir=str(run.stage / TENSORBOARD)))
+
+
+def lifecycle(run: Run, uploader, lease, step_log, board=None):
     """A TrainerCallback that stops at a step boundary when SIGTERM arrived or the lease was lost (every rank
-    at the same step, with a checkpoint), hands each saved checkpoint with the step log so far to the
-    uploader (rank 0), and times how long each save held training up."""
+    at the same step, with a checkpoint), hands each saved checkpoint with the step log (and TensorBoard events)
+    so far to the uploader (rank 0), and times how long each save held training up."""
     from transformers import TrainerCallback
 
     class Lifecycle(TrainerCallback):
@@ -173,6 +185,9 @@ def lifecycle(run: Run, uploader, lease, step_log):
             if run.device.rank_zero and uploader is not None:
                 folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 shutil.copyfile(step_log.path, folder / TRAIN_LOG)
+                if board is not None and board.tb_writer is not None:  # the events so far, for the next attempt
+                    board.tb_writer.flush()
+                    shutil.copytree(run.stage / TENSORBOARD, folder / TENSORBOARD, dirs_exist_ok=True)
                 uploader.submit(folder, state.global_step)
 
     return Lifecycle()

@@ -311,7 +311,9 @@ def test_torchrun_started_by_the_job_passes_on_exit_codes_and_sigterm(start_job,
 
 
 def test_sigterm_during_publish_leaves_no_manifest_and_the_next_attempt_publishes(start_job, s3, bucket, train_env):
-    env = train_env | {"RUN_ID": "publish-stopped"}
+    """With REPORT_TO=tensorboard: the attempt that publishes trained no step itself, and its TensorBoard events,
+    carried in the checkpoint, still hold every step."""
+    env = train_env | {"RUN_ID": "publish-stopped", "REPORT_TO": "tensorboard"}
     code, lines = watch(start_job(env), lambda line: line["message"] == "publish: started")
     assert code == 143, lines[-5:]
     objects = read_objects(s3, bucket, "runs/publish-stopped/")
@@ -321,3 +323,29 @@ def test_sigterm_during_publish_leaves_no_manifest_and_the_next_attempt_publishe
     code, lines = watch(start_job(env), lambda line: False)
     assert code == 0 and resumed_from(lines) == STEPS, lines[-5:]
     outcome(s3, bucket, "publish-stopped")
+    objects = read_objects(s3, bucket, "runs/publish-stopped/")
+    events = {k: v for k, v in objects.items() if k.startswith("runs/publish-stopped/tensorboard/")}
+    listed = {f["path"] for f in json.loads(objects["runs/publish-stopped/manifest.json"])["files"]}
+    assert events and {k.removeprefix("runs/publish-stopped/") for k in events} <= listed
+    log = objects["runs/publish-stopped/train_log.jsonl"].splitlines()
+    losses = {row["step"]: row["loss"] for row in map(json.loads, log) if "loss" in row}
+    assert tensorboard_scalars(events, "train/loss") == pytest.approx(losses, rel=1e-6)
+
+
+def tensorboard_scalars(events: dict[str, bytes], tag: str) -> dict[int, float]:
+    """The tag's values by step, from event files read back with TensorBoard's own reader."""
+    import tempfile
+    from pathlib import Path
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for key, body in events.items():
+            path = Path(folder) / key.rsplit("/", 1)[-1]
+            path.write_bytes(body)
+            reader = EventAccumulator(str(path))
+            reader.Reload()
+            if tag in reader.Tags()["scalars"]:
+                values |= {event.step: event.value for event in reader.Scalars(tag)}
+    return values
