@@ -126,24 +126,35 @@ def main() -> int:
 
 def table(results: list[dict]) -> str:
     lines = [
-        "| shape | backend | run | micro-batch x accumulation, checkpointing | useful tokens/s | vs full rows | "
-        "rows trained | wall s | first step s | peak GiB | estimated GiB | estimate error |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| shape | backend | run | micro-batch x accumulation, checkpointing | useful tokens/s steady | whole | "
+        "vs full rows (steady) | rows trained | wall s | first step s | peak GiB | estimated GiB | estimate error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     full = {(r["shape"], r["backend"]): r for r in results if r["run"] == RUNS["full"][0] and r["exit"] == 0}
     for r in results:
         if r["exit"]:
-            lines.append(f"| {r['shape']} | {r['backend']} | {r['run']} | exit {r['exit']} | | | | | | | | |")
+            lines.append(f"| {r['shape']} | {r['backend']} | {r['run']} | exit {r['exit']} | | | | | | | | | |")
             continue
         base = full.get((r["shape"], r["backend"]))
-        versus = f"{r['tokens_per_second'] / base['tokens_per_second']:.0%}" if base else ""
+        steady = r["steady_tokens_per_second"]
+        versus = f"{steady / base['steady_tokens_per_second']:.0%}" if base and steady else ""
         peak, estimate = r["peak_gpu_memory_gib"], r["estimated_peak_gpu_memory_gib"]
         error = f"{estimate / peak - 1:+.0%}" if peak and estimate else ""
         lines.append(
             f"| {r['shape']} | {r['backend']} | {r['run']} | {r['micro_batch']} x {r['grad_accum']}, "
-            f"{'on' if r['activation_checkpointing'] else 'off'} | {r['tokens_per_second']:,.0f} | {versus} | "
-            f"{r['rows']} | {r['wall_seconds']} | {r['seconds_to_first_step']} | {peak} | {estimate} | {error} |"
+            f"{'on' if r['activation_checkpointing'] else 'off'} | {steady or 0:,} | {r['tokens_per_second']:,.0f} | "
+            f"{versus} | {r['rows']} | {r['wall_seconds']} | {r['seconds_to_first_step']} | {peak} | {estimate} | {error} |"
         )
+    # What AUTO_BATCH changes is the split, not the learning: the loss curves of "packed" (as given) and "defaults"
+    # (automatic), the same effective batch and seed.
+    by_run = {(r["shape"], r["backend"], r["run"]): r for r in results if r["exit"] == 0}
+    for (shape, backend, run), given in by_run.items():
+        auto = by_run.get((shape, backend, RUNS["defaults"][0]))
+        if run == RUNS["packed"][0] and auto:
+            pairs = list(zip((s[3] for s in given["steps_logged"]), (s[3] for s in auto["steps_logged"])))
+            worst = max(abs(a - b) / abs(a) for a, b in pairs)
+            lines.append(f"\n{shape} {backend}: loss, batch as given against automatic, {len(pairs)} steps: "
+                         f"at most {worst:.2%} apart")  # fmt: skip
     return "\n".join(lines)
 
 
