@@ -143,7 +143,8 @@ def table(results: list[dict]) -> str:
         lines.append(
             f"| {r['shape']} | {r['backend']} | {r['run']} | {r['micro_batch']} x {r['grad_accum']}, "
             f"{'on' if r['activation_checkpointing'] else 'off'} | {steady or 0:,} | {r['tokens_per_second']:,.0f} | "
-            f"{versus} | {r['rows']} | {r['wall_seconds']} | {r['seconds_to_first_step']} | {peak} | {estimate} | {error} |"
+            f"{versus} | {r['rows']} | {r['wall_seconds']} | {r['seconds_to_first_step']} | {peak} | {estimate} | "
+            f"{error} |"
         )
     # What AUTO_BATCH changes is the split, not the learning: the loss curves of "packed" (as given) and "defaults"
     # (automatic), the same effective batch and seed.
