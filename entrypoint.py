@@ -136,11 +136,13 @@ def attempt(settings: Settings, storage: Storage, run: Run, config: dict, lease)
         sample_inputs = data.sample_inputs(tokenizer, prompt_rows)
         # Before any weight is loaded: a configuration that cannot fit exits 70 here, and an export that could only
         # merge into 4-bit weights 78.
-        quantized = settings.EXPORT == "merged_16bit" and model.checkpoint_quantized(base, settings)
-        if settings.EXPORT == "merged_16bit" and not run.dry_run:
+        exporting = settings.EXPORT == "merged_16bit"
+        model_config = model.config_of(base, settings) if device.cuda or exporting else None  # read once, if needed
+        quantized = getattr(model_config, "quantization_config", None) is not None  # a pre-quantized checkpoint
+        if exporting and not run.dry_run:
             export.source_16bit(settings, quantized)
         row_tokens = settings.MAX_SEQ_LENGTH if settings.PACKING else min(settings.MAX_SEQ_LENGTH, lengths["longest"])
-        plan = memory.plan(settings, device, run.backend, model.config_of(base, settings, device), row_tokens)
+        plan = memory.plan(settings, device, run.backend, model_config, row_tokens)
         log.info(
             "batch: %d sequences per step per GPU as %d x %d, activation checkpointing %s (%s; estimated peak %s "
             "GiB, %s GiB free)", plan.micro_batch * plan.grad_accum, plan.micro_batch, plan.grad_accum,
@@ -165,11 +167,11 @@ def attempt(settings: Settings, storage: Storage, run: Run, config: dict, lease)
     with logs.stage("samples", timings):
         rows = samples.generate(lm, tokenizer, run.stage / ADAPTER, sample_inputs, settings.MAX_NEW_TOKENS, run.backend)
 
-    if settings.EXPORT == "merged_16bit":
+    if exporting:
         with logs.stage("export", timings):
             if settings.LOAD_IN_4BIT:  # the 16-bit base is loaded next: the training model's memory goes first
                 lm = None
-            export.merge(settings, storage, run.stage, run.scratch, lm, tokenizer, quantized)
+            export.merge(settings, storage, run, lm, tokenizer, quantized)
 
     with logs.stage("publish", timings):
         with preemption.deferred():  # the last checkpoints, so that the manifest can say what became of them

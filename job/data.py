@@ -278,7 +278,8 @@ def check_lengths(dataset, max_seq_length: int) -> dict:
     cut to it (TRL keeps the start); DatasetInvalid when none keeps one, since training would learn nothing."""
     # The tokens before a row's first trained one: its prompt, all of the row when nothing in it is trained.
     prompts = [mask.index(1) if 1 in mask else len(mask) for mask in dataset["assistant_masks"]]
-    truncated = sum(len(ids) > max_seq_length for ids in dataset["input_ids"])
+    lengths = [len(ids) for ids in dataset["input_ids"]]  # a column read materializes it: once
+    truncated = sum(length > max_seq_length for length in lengths)
     no_trained = sum(prompt >= max_seq_length for prompt in prompts)
     if prompts and no_trained == len(prompts):
         raise DatasetInvalid(
@@ -288,8 +289,8 @@ def check_lengths(dataset, max_seq_length: int) -> dict:
     if no_trained:
         log.warning("%d of %d rows lose their whole response at MAX_SEQ_LENGTH=%d and teach nothing",
                     no_trained, len(prompts), max_seq_length)  # fmt: skip
-    longest = max(map(len, dataset["input_ids"]), default=0)
-    return {"rows": len(prompts), "truncated": truncated, "no_trained_tokens": no_trained, "longest": longest}
+    return {"rows": len(prompts), "truncated": truncated, "no_trained_tokens": no_trained,
+            "longest": max(lengths, default=0)}  # fmt: skip
 
 
 def sample_inputs(tokenizer, examples: list[dict]) -> list[dict]:

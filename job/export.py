@@ -6,7 +6,9 @@ import logging
 import re
 from pathlib import Path
 
+from job.context import ADAPTER, Run
 from job.errors import ConfigInvalid
+from job.model import hub_token
 from job.storage import Storage, is_s3
 
 log = logging.getLogger(__name__)
@@ -32,13 +34,13 @@ def source_16bit(settings, quantized: bool) -> str:
     )
 
 
-def merge(settings, storage: Storage, stage: Path, scratch: Path, trained, tokenizer, quantized: bool) -> Path:
-    """The merged model in stage/merged/. trained: the training model when its base weights are 16-bit (they are
-    merged in memory), else None: the caller has dropped it, and the 16-bit base is loaded and the saved adapter
-    (stage/adapter/) merged into it."""
+def merge(settings, storage: Storage, run: Run, trained, tokenizer, quantized: bool) -> Path:
+    """The merged model in the stage's merged/. trained: the training model when its base weights are 16-bit (they
+    are merged in memory), else None: the caller has dropped it, and the 16-bit base is loaded and the saved adapter
+    (the stage's adapter/) merged into it."""
     import torch
 
-    target = stage / MERGED
+    target = run.stage / MERGED
     if trained is not None and not settings.LOAD_IN_4BIT:
         trained.set_adapter("default")  # the samples stage loaded the saved copy beside it as "saved"
         merged = trained.merge_and_unload(adapter_names=["default"])
@@ -47,21 +49,21 @@ def merge(settings, storage: Storage, stage: Path, scratch: Path, trained, token
         from transformers import AutoModelForCausalLM
 
         gc.collect()
-        if torch.cuda.is_available():
+        if run.device.cuda:
             torch.cuda.empty_cache()
         source = source_16bit(settings, quantized)
         if is_s3(source):
-            storage.fetch(source, scratch / "base_16bit")
-            source = str(scratch / "base_16bit")
+            storage.fetch(source, run.scratch / "base_16bit")
+            source = str(run.scratch / "base_16bit")
         log.info("merging the adapter into the 16-bit weights of %s", source)
-        token = settings.HF_TOKEN.get_secret_value() if settings.HF_TOKEN else None
-        cuda = torch.cuda.is_available() and not settings.DRY_RUN
+        cuda = run.device.cuda
+        dtype = torch.bfloat16 if cuda else torch.float32
         base = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch.bfloat16 if cuda else torch.float32, device_map="cuda" if cuda else None, token=token
+            source, dtype=dtype, device_map="cuda" if cuda else None, token=hub_token(settings)
         )
         if getattr(base.config, "quantization_config", None) is not None:
             raise ConfigInvalid(f"BASE_MODEL_16BIT={source} holds quantized weights: give the 16-bit original")
-        merged = PeftModel.from_pretrained(base, stage / "adapter").merge_and_unload()
+        merged = PeftModel.from_pretrained(base, run.stage / ADAPTER).merge_and_unload()
     merged.save_pretrained(target, safe_serialization=True)
     tokenizer.save_pretrained(target)
     return target

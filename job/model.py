@@ -98,26 +98,16 @@ def _config(source: str, settings):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(source, token=_token(settings))
+        return AutoConfig.from_pretrained(source, token=hub_token(settings))
     except Exception as exc:  # offline, gated, missing: a dry run carries on without it, a GPU run without a plan
         log.info("no configuration from %s (%s)", source, str(exc).splitlines()[0][:200])
         return None
 
 
-def config_of(base: Base, settings, device: Device):
-    """The configuration of the model that will be trained, for the memory plan (None without a GPU: no plan)."""
-    if not device.cuda or not base.source:
-        return None
-    return base.tiny_config or _config(base.source, settings)
-
-
-def checkpoint_quantized(base: Base, settings) -> bool:
-    """Whether BASE_MODEL's checkpoint holds quantized weights (a pre-quantized bnb-4bit model); False when its
-    configuration cannot be read or a dry run's tiny model stands in."""
-    if base.tiny_config is not None or not base.source:
-        return False
-    config = _config(base.source, settings)
-    return getattr(config, "quantization_config", None) is not None
+def config_of(base: Base, settings):
+    """The configuration of the model that will be trained (the memory plan reads its shape, the export whether its
+    checkpoint holds quantized weights); None when it cannot be read."""
+    return base.tiny_config or (_config(base.source, settings) if base.source else None)
 
 
 def parameter_count(config) -> int:
@@ -129,7 +119,7 @@ def parameter_count(config) -> int:
         return sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
 
 
-def _token(settings) -> str | None:
+def hub_token(settings) -> str | None:
     return settings.HF_TOKEN.get_secret_value() if settings.HF_TOKEN else None
 
 
@@ -150,7 +140,7 @@ def load_tokenizer(settings, base: Base, examples: list[dict]):
     tokenizer = None
     if base.source:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(base.source, token=_token(settings))
+            tokenizer = AutoTokenizer.from_pretrained(base.source, token=hub_token(settings))
         except Exception as exc:
             if not settings.DRY_RUN:
                 raise hub_error(exc, "tokenizer") from None
@@ -220,7 +210,7 @@ def load_unsloth(settings, device: Device, base: Base, checkpointing: bool):
             max_seq_length=settings.MAX_SEQ_LENGTH,
             dtype=None,
             load_in_4bit=settings.LOAD_IN_4BIT,
-            token=_token(settings),
+            token=hub_token(settings),
             device_map={"": device.local_rank},  # one GPU per rank under torchrun
         )
     except (OSError, ValueError) as exc:
@@ -244,7 +234,7 @@ def load_hf(settings, device: Device, base: Base, tokenizer):
     if base.tiny_config is not None:
         model = tiny_model(base.tiny_config, tokenizer)
     else:
-        kwargs = {"dtype": torch.bfloat16 if cuda else torch.float32, "token": _token(settings)}
+        kwargs = {"dtype": torch.bfloat16 if cuda else torch.float32, "token": hub_token(settings)}
         if settings.LOAD_IN_4BIT:
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True,

@@ -53,7 +53,12 @@ def test_the_reload_path_merges_into_the_16bit_base(tiny_model_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    stage = tmp_path / "stage"
+    from job.context import Device, Run
+
+    settings = Settings(DATASET_URI="x", OUTPUT_URI="y", BASE_MODEL=str(tiny_model_dir), LOAD_IN_4BIT=True,
+                        SCRATCH_DIR=str(tmp_path))  # fmt: skip
+    run = Run.build(settings, "merge", Device(False, False, 0, 0, 1), "hf")
+    stage = run.stage
     torch.manual_seed(0)
     lora = get_peft_model(
         AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, target_modules=["q_proj", "down_proj"])
@@ -62,9 +67,8 @@ def test_the_reload_path_merges_into_the_16bit_base(tiny_model_dir, tmp_path):
         if "lora_B" in name:
             param.data.normal_(0, 0.2)
     lora.save_pretrained(stage / "adapter")
-    settings = Settings(DATASET_URI="x", OUTPUT_URI="y", BASE_MODEL=str(tiny_model_dir), LOAD_IN_4BIT=True)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    merged = export.merge(settings, None, stage, tmp_path, None, tokenizer, quantized=False)
+    merged = export.merge(settings, None, run, None, tokenizer, quantized=False)
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in merged.iterdir()}
     expected, got = logits_with_adapter(tiny_model_dir, stage / "adapter"), logits_of(merged)
     assert (got - expected).abs().max() <= TOLERANCE
