@@ -23,6 +23,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.synthetic_model import DEMO_DATA, build  # noqa: E402
+from bench.train_bench import steady_spans  # noqa: E402
 
 RUNS = {  # key: (what the table calls it, dataset, settings beside the job's defaults)
     "full": ("full rows, defaults", "full", {}),
@@ -77,17 +78,14 @@ def run_job(name: str, env: dict, out: Path) -> dict:
     metrics = json.loads(metrics_file.read_text())
     steps = [json.loads(line) for line in (metrics_file.parent / "train_log.jsonl").read_text().splitlines()]
     steps = [r for r in steps if "loss" in r]
-    # Steady state, as bench/train_bench.py: the median step after a 3-step warm-up (compilation, allocator).
-    spans = [
-        (b["tokens"] - a["tokens"]) / (b["seconds"] - a["seconds"]) for a, b in zip(steps, steps[1:]) if a["step"] >= 3
-    ]
+    rates = [tokens_per_second for _, tokens_per_second in steady_spans(steps)]  # as bench/train_bench.py
     # Where the first minute goes: seconds from the process's start to the first line of each stage.
     lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith('{"time"')]
     stages = {}
     for line in lines:
         stages.setdefault(line["stage"], round(line["time"] - start, 1))
     return {"name": name, "exit": code, "wall_seconds": round(wall, 1), **metrics,
-            "steady_tokens_per_second": round(statistics.median(spans)) if spans else None, "stage_starts": stages,
+            "steady_tokens_per_second": round(statistics.median(rates)) if rates else None, "stage_starts": stages,
             "steps_logged": [(r["step"], r["tokens"], r["seconds"], round(r["loss"], 4)) for r in steps]}  # fmt: skip
 
 

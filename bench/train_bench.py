@@ -32,6 +32,19 @@ from job.settings import Settings  # noqa: E402
 WARMUP = 3
 
 
+def steady_spans(steps: list[dict]) -> list[tuple[float, float]]:
+    """(seconds per step, tokens per second) between consecutive train_log rows after the warm-up (compilation,
+    allocator). Rows can be more than one step apart, so seconds are divided by the steps between them."""
+    return [
+        (
+            (b["seconds"] - a["seconds"]) / (b["step"] - a["step"]),
+            (b["tokens"] - a["tokens"]) / (b["seconds"] - a["seconds"]),
+        )
+        for a, b in zip(steps, steps[1:])
+        if a["step"] >= WARMUP
+    ]
+
+
 def matmul_peak_tflops() -> float:
     """bf16 dense matmul throughput of this GPU, measured: the denominator of MFU."""
     import torch
@@ -100,16 +113,7 @@ def main() -> int:
             return 0
         log = [json.loads(line) for line in (run.stage / "train_log.jsonl").read_text().splitlines()]
     steps = [r for r in log if "loss" in r]
-    # Per step, from consecutive log rows: (seconds per step, tokens per second). Rows can be more than one
-    # step apart, so seconds are divided by the steps between them.
-    spans = [
-        (
-            (b["seconds"] - a["seconds"]) / (b["step"] - a["step"]),
-            (b["tokens"] - a["tokens"]) / (b["seconds"] - a["seconds"]),
-        )
-        for a, b in zip(steps, steps[1:])
-        if a["step"] >= WARMUP
-    ]
+    spans = steady_spans(steps)
     step_seconds = statistics.median(s for s, _ in spans)
     tokens_per_second = statistics.median(t for _, t in spans)
     peak = matmul_peak_tflops() if gpu else None
