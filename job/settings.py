@@ -58,15 +58,18 @@ PLATFORM_NAMES = {
 SERVICE_LINK = re.compile(r"_SERVICE_(HOST|PORT)(_|$)|_PORT(_|$)")
 # Words that name a location: OUTPUT_DIR, DATASET_PATH and DATASET_URL all mean the *_URI setting.
 LOCATION_WORDS = {"DIR": "URI", "PATH": "URI", "URL": "URI"}
+# Hub datasets: hf://datasets/OWNER/NAME, then optionally /path/in/repo (a file or folder) or /SPLIT.
+HUB_DATASET = re.compile(r"hf://datasets/[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(/\S*)?")
 # Required addresses that, set to "", are a mistake rather than "use the default" (there is none, or it is a model).
 NOT_EMPTY = ("BASE_MODEL", "DATASET_URI", "OUTPUT_URI")
 
 FIXES = {
     "BASE_MODEL": "set it to a Hub id (org/name), a local model directory or s3://bucket/prefix/",
-    "DATASET_URI": "set it to s3://bucket/key, s3://bucket/prefix/ or a local path",
+    "DATASET_URI": "set it to s3://bucket/key, s3://bucket/prefix/, hf://datasets/OWNER/NAME or a local path",
     "OUTPUT_URI": "set it to s3://bucket/prefix or a local directory",
-    "SAMPLE_PROMPTS_URI": "set it to s3://bucket/key or a local path, or unset it",
+    "SAMPLE_PROMPTS_URI": "set it to s3://bucket/key, hf://datasets/OWNER/NAME/file or a local path, or unset it",
     "LORA_TARGET_MODULES": "give module names separated by commas, e.g. q_proj,v_proj",
+    "REPORT_TO": "give none, or any of tensorboard, wandb, mlflow separated by commas",
 }
 
 
@@ -82,7 +85,8 @@ class Settings(BaseSettings):
     BASE_MODEL: str = "unsloth/llama-3-8b-bnb-4bit"
     """Hugging Face Hub id, local model directory, or s3://bucket/prefix/ holding a model directory."""
     DATASET_URI: str
-    """s3://bucket/key, s3://bucket/prefix/ (every data file under it) or a local file or folder."""
+    """s3://bucket/key, s3://bucket/prefix/ (every data file under it), hf://datasets/OWNER/NAME[/path or /SPLIT] (a
+    Hugging Face Hub dataset; HF_TOKEN for private or gated ones) or a local file or folder."""
     OUTPUT_URI: str
     """s3://bucket/prefix or a local directory; the run writes under OUTPUT_URI/RUN_ID/."""
     RUN_ID: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -161,7 +165,7 @@ class Settings(BaseSettings):
 
     # Samples
     SAMPLE_PROMPTS_URI: str | None = None
-    """JSONL of prompts to sample after training; unset: prompts from held-out rows."""
+    """JSONL of prompts to sample after training (s3://, hf://datasets/ or local); unset: prompts from held-out rows."""
     NUM_SAMPLE_PROMPTS: int = Field(default=5, ge=0)
     """How many held-out rows to sample when SAMPLE_PROMPTS_URI is unset."""
     MAX_NEW_TOKENS: int = Field(default=128, ge=1)
@@ -176,8 +180,9 @@ class Settings(BaseSettings):
     """Training steps in a dry run."""
     LEASE_SECONDS: int = Field(default=60, ge=2)
     """One attempt trains a run at a time, renewing its hold every LEASE_SECONDS/4; one left that long is taken over."""
-    REPORT_TO: Literal["none", "tensorboard"] = "none"
-    """tensorboard: TensorBoard event files of the training metrics, published in OUTPUT_URI/RUN_ID/tensorboard/."""
+    REPORT_TO: Annotated[list[Literal["none", "tensorboard", "wandb", "mlflow"]], NoDecode] = ["none"]
+    """Comma list. tensorboard: event files published in OUTPUT_URI/RUN_ID/tensorboard/; wandb, mlflow: their runs,
+    named RUN_ID, configured by their own variables (WANDB_*, MLFLOW_*)."""
     LOG_FORMAT: Literal["auto", "json", "text"] = "auto"
     """json: one JSON object per line; text: readable lines and progress bars; auto: json unless a terminal."""
     IMAGE_VERSION: str | None = None
@@ -207,7 +212,7 @@ class Settings(BaseSettings):
 
     # Credentials and endpoints (standard meanings; boto3 and huggingface_hub read them too)
     HF_TOKEN: SecretStr | None = None
-    """Hugging Face token for gated or private models."""
+    """Hugging Face token for gated or private models and hf:// datasets."""
     AWS_ACCESS_KEY_ID: SecretStr | None = None
     """S3 access key; unset: boto3's default chain (IRSA, instance profile, ~/.aws)."""
     AWS_SECRET_ACCESS_KEY: SecretStr | None = None
@@ -223,7 +228,7 @@ class Settings(BaseSettings):
     AWS_ENDPOINT_URL: str | None = Field(default=None, pattern=r"^https?://")
     """Endpoint for every AWS service, used when AWS_ENDPOINT_URL_S3 is unset."""
 
-    @field_validator("LORA_TARGET_MODULES", mode="before")
+    @field_validator("LORA_TARGET_MODULES", "REPORT_TO", mode="before")
     @classmethod
     def _split_commas(cls, value):
         return [name.strip() for name in value.split(",") if name.strip()] if isinstance(value, str) else value
@@ -235,6 +240,10 @@ class Settings(BaseSettings):
             return None
         if value.startswith("file://"):
             value = value.removeprefix("file://")  # file:///data/x is the local path /data/x
+        elif value.lower().startswith("hf:") and info.field_name in ("DATASET_URI", "SAMPLE_PROMPTS_URI"):
+            if not HUB_DATASET.fullmatch(value):
+                raise ValueError("give hf://datasets/OWNER/NAME, then optionally /path/in/repo or /SPLIT")
+            return value
         elif re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", value) and not re.match(r"s3://[A-Za-z0-9._-]+(/|$)", value):
             # Another scheme (gs://, https://, hf://), s3 misspelled (S3://x, s3:/x, s3:bucket), or no bucket.
             if re.match(r"s3://(/|$)", value):

@@ -3,6 +3,7 @@ checkpoints to OUTPUT_URI and stopping cleanly on SIGTERM."""
 
 import json
 import logging
+import os
 import resource
 import shutil
 import time
@@ -75,7 +76,9 @@ def sft_config(settings, run: Run, plan, has_eval: bool):
         save_total_limit=None,
         logging_steps=1,
         include_num_input_tokens_seen="non_padding",
-        report_to="none",
+        # W&B and MLflow through transformers' own callbacks, their runs named RUN_ID; TensorBoard is train.tensorboard.
+        report_to=[name for name in settings.REPORT_TO if name in ("wandb", "mlflow")] or "none",
+        run_name=run.id,
         ddp_find_unused_parameters=False,
         dataset_num_proc=None,
     )
@@ -94,7 +97,9 @@ def train(
     if run.device.cuda:
         torch.cuda.reset_peak_memory_stats()
     step_log = step_logger(run.stage / TRAIN_LOG, run.device.rank_zero, resume)
-    board = tensorboard(run, resume) if settings.REPORT_TO == "tensorboard" and run.device.rank_zero else None
+    board = tensorboard(run, resume) if "tensorboard" in settings.REPORT_TO and run.device.rank_zero else None
+    if run.device.rank_zero:
+        continue_tracking(settings, run)
     stop = lifecycle(run, uploader, lease, step_log, board)
     trainer = SFTTrainer(
         model=model,
@@ -161,6 +166,23 @@ def tensorboard(run: Run, resume: Path | None):
     if resume is not None and (resume / TENSORBOARD).is_dir():
         shutil.copytree(resume / TENSORBOARD, run.stage / TENSORBOARD, dirs_exist_ok=True)
     return TensorBoardCallback(SummaryWriter(log_dir=str(run.stage / TENSORBOARD)))
+
+
+def continue_tracking(settings, run: Run) -> None:
+    """Points W&B and MLflow at the run named RUN_ID, so that every attempt (a replacement pod) logs into one run:
+    W&B by its run id, MLflow by finding the run of that name in the experiment. Their own variables win."""
+    if "wandb" in settings.REPORT_TO:
+        os.environ.setdefault("WANDB_RUN_ID", run.id)
+        os.environ.setdefault("WANDB_RESUME", "allow")
+        os.environ.setdefault("WANDB_DIR", str(run.scratch))  # not the working directory: the image's is read-only
+    if "mlflow" in settings.REPORT_TO and "MLFLOW_RUN_ID" not in os.environ:
+        import mlflow
+
+        experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", "Default")
+        found = mlflow.search_runs(experiment_names=[experiment], filter_string=f"attributes.run_name = '{run.id}'",
+                                   max_results=1, output_format="list")  # fmt: skip
+        if found:
+            os.environ["MLFLOW_RUN_ID"] = found[0].info.run_id
 
 
 def lifecycle(run: Run, uploader, lease, step_log, board=None):

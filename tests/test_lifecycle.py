@@ -10,8 +10,10 @@ import json
 import random
 import signal
 import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -39,11 +41,15 @@ def train_env(s3, bucket, tiny_model_dir):
     }  # fmt: skip
 
 
-def watch(process: subprocess.Popen, when, sig=signal.SIGTERM, delay: float = 0.0) -> tuple[int, list[dict]]:
+def watch(
+    process: subprocess.Popen, when, sig=signal.SIGTERM, delay: float = 0.0, everything: list | None = None
+) -> tuple[int, list[dict]]:
     """Reads the job's log lines as they come; the first time when(line) holds, sends sig (after delay s;
-    None sends nothing). Returns the exit code and every line."""
+    None sends nothing). Returns the exit code and every JSON line; everything gets every line of stderr."""
     lines, sent = [], False
     for raw in process.stderr:
+        if everything is not None:
+            everything.append(raw)
         if not raw.startswith("{"):
             continue
         lines.append(json.loads(raw))
@@ -349,3 +355,50 @@ def tensorboard_scalars(events: dict[str, bytes], tag: str) -> dict[int, float]:
             if tag in reader.Tags()["scalars"]:
                 values |= {event.step: event.value for event in reader.Scalars(tag)}
     return values
+
+
+def test_wandb_and_mlflow_follow_the_run_across_attempts_and_never_see_a_secret(start_job, s3, bucket, train_env,
+                                                                                 tmp_path, monkeypatch):  # fmt: skip
+    """REPORT_TO=wandb,mlflow with the real clients (W&B offline, MLflow's local file store): an attempt stopped by
+    SIGTERM and the one that resumes it log into one W&B run id and one MLflow run, both named RUN_ID, whose losses
+    by step are train_log.jsonl's; the vendors' secrets appear in no log line, output or tracked value."""
+    import mlflow
+
+    canary = "canary-secret-0123456789abcdef0123456789abcdef01"  # 40+ characters: W&B's key length
+    env = train_env | {"RUN_ID": "tracked", "REPORT_TO": "wandb,mlflow", "WANDB_MODE": "offline",
+                       "WANDB_API_KEY": canary, "WANDB_PROJECT": "finetune", "WANDB_DIR": str(tmp_path / "wandb"),
+                       "MLFLOW_TRACKING_URI": (tmp_path / "mlruns").as_uri(), "MLFLOW_ALLOW_FILE_STORE": "true",
+                       "MLFLOW_EXPERIMENT_NAME": "finetune", "MLFLOW_TRACKING_PASSWORD": canary}  # fmt: skip
+    everything = []
+    code, lines = watch(start_job(env), at_step(6), everything=everything)
+    assert code == 143, lines[-5:]
+    code, lines = watch(start_job(env), lambda line: False, everything=everything)
+    assert code == 0 and resumed_from(lines) >= 6, lines[-5:]
+    objects = read_objects(s3, bucket, "runs/tracked/")
+    losses = {r["step"]: r["loss"] for r in map(json.loads, objects["runs/tracked/train_log.jsonl"].splitlines())
+              if "loss" in r}  # fmt: skip
+    assert sorted(losses) == list(range(1, STEPS + 1))
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # a local store: mlflow-skinny has no database backend
+    client = mlflow.MlflowClient((tmp_path / "mlruns").as_uri())
+    runs = client.search_runs([client.get_experiment_by_name("finetune").experiment_id])
+    assert [r.info.run_name for r in runs] == ["tracked"], "one MLflow run, named RUN_ID"
+    history = {m.step: m.value for m in client.get_metric_history(runs[0].info.run_id, "loss")}
+    assert history == pytest.approx(losses, rel=1e-6)
+
+    offline = sorted((tmp_path / "wandb" / "wandb").glob("offline-run-*-tracked/run-tracked.wandb"))
+    assert len(offline) == 2, "one offline run per attempt, both with the run id RUN_ID"
+    logged = {}
+    for path in offline:  # read back with W&B's own reader
+        wandb = Path(sys.executable).parent / "wandb"
+        records = subprocess.run([wandb, "leet", "inspect", "--json", path], capture_output=True, text=True, check=True)
+        for record in map(json.loads, filter(str.strip, records.stdout.splitlines())):
+            item = record.get("history", {}).get("item", {})
+            if "train/loss" in item:
+                logged[item["train/global_step"]] = item["train/loss"]
+    assert logged == pytest.approx(losses, rel=1e-6)
+
+    tracked = [p.read_bytes() for p in (tmp_path / "mlruns").rglob("*") if p.is_file()]
+    tracked += [p.read_bytes() for p in (tmp_path / "wandb").rglob("*") if p.is_file()]
+    assert canary not in "".join(everything) and canary not in str(read_objects(s3, bucket, "runs/tracked/"))
+    assert not [blob for blob in tracked if canary.encode() in blob], "a secret reached a tracked file"

@@ -64,6 +64,15 @@ def test_target_modules_are_comma_separated(env):
     assert read_settings().LORA_TARGET_MODULES == ["q_proj", "v_proj"]
 
 
+def test_report_to_is_a_comma_list_of_known_trackers(env):
+    env(**REQUIRED, REPORT_TO="wandb, mlflow,tensorboard")
+    assert read_settings().REPORT_TO == ["wandb", "mlflow", "tensorboard"]
+    env(**REQUIRED, REPORT_TO="wandb,comet")
+    with pytest.raises(ConfigInvalid) as error:
+        read_settings()
+    assert "REPORT_TO" in str(error.value) and "tensorboard, wandb, mlflow" in str(error.value)
+
+
 def test_every_problem_is_reported_at_once(env):
     env(OUTPUT_URI="s3:///nobucket", LORA_R="zero", PACKING="maybe", EVAL_FRACTION="1.5", TRAIN_BACKEND="tpu")
     with pytest.raises(ConfigInvalid) as error:
