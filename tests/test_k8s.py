@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -97,6 +99,60 @@ def test_k8s_job_yaml_is_the_base_rendered_and_applies_without_kustomize():
     assert all(line.startswith("#") for line in header.splitlines()) and "kubectl apply -f k8s/job.yaml" in header
     kinds = [doc["kind"] for doc in yaml.safe_load_all(body)]
     assert sorted(kinds) == ["ConfigMap", "Job", "ServiceAccount"]
+
+
+# What kubectl's client-side dry run asks an API server: discovery, then each object (absent: it would be created).
+SERVED = {"v1": {"ServiceAccount": "serviceaccounts", "ConfigMap": "configmaps", "Secret": "secrets",
+                 "Service": "services"}, "batch/v1": {"Job": "jobs"}}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def api_server():
+    """A stand-in for a cluster's API server (none can run here): it serves discovery for the kinds that a cluster
+    without add-ons has, and answers 404 for every object, as an empty namespace does."""
+
+    def resources(version: str) -> dict:
+        listed = [{"name": name, "singularName": "", "namespaced": True, "kind": kind, "verbs": ["create", "get"]}
+                  for kind, name in SERVED[version].items()]  # fmt: skip
+        return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": version, "resources": listed}
+
+    batch = {"groupVersion": "batch/v1", "version": "v1"}
+    documents = {"/api": {"kind": "APIVersions", "versions": ["v1"]}, "/api/v1": resources("v1"),
+                 "/apis": {"kind": "APIGroupList", "apiVersion": "v1",
+                           "groups": [{"name": "batch", "versions": [batch], "preferredVersion": batch}]},
+                 "/apis/batch/v1": resources("batch/v1")}  # fmt: skip
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            found = documents.get(self.path.split("?")[0])
+            body = json.dumps(found or {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404,
+                                        "reason": "NotFound", "message": "not found"}).encode()  # fmt: skip
+            self.send_response(200 if found else 404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+@pytest.mark.parametrize("manifest", ["-f k8s/job.yaml", "-k k8s", "-k k8s/multi-gpu", "-k k8s/multi-node",
+                                      "-k k8s/sweep", "-k k8s/kueue", "-f k8s/secret.example.yaml"])  # fmt: skip
+def test_kubectl_apply_dry_run_accepts_every_manifest(api_server, manifest):
+    """`kubectl apply --dry-run=client` as the README gives it (strict schema validation is make k8s-validate's)."""
+    kubectl = str(Path(sys.executable).with_name("kubectl"))
+    command = [kubectl, "apply", *manifest.split(), "--dry-run=client", "--validate=false", "--server", api_server]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=os.environ | {"KUBECONFIG": ""})
+    assert result.returncode == 0, result.stderr
+    applied = result.stdout.splitlines()
+    assert applied and all(line.endswith(" created (dry run)") for line in applied), result.stdout
+    assert any(line.startswith("job.batch/") for line in applied) or "secret" in manifest
 
 
 def test_kueue_variant_only_adds_the_queue_label():
