@@ -13,43 +13,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bench.multi_node import SWEEP, container, pod_environment, render
 from job import errors, launch
 from job.settings import read_settings
 from tests.conftest import ROOT
 
-SWEEP = ROOT / "k8s" / "sweep" / "sweep.jsonl"
 DATASET = [{"uri": "s3://my-bucket/datasets/alpaca.jsonl", "etag": "abc", "bytes": 1234}]
-
-
-def render(variant: str) -> dict:
-    """The variant's objects by kind; ConfigMap is the job's configuration (the sweep's is generated beside it)."""
-    kubectl = str(Path(sys.executable).with_name("kubectl"))
-    rendered = subprocess.run([kubectl, "kustomize", str(ROOT / variant)], capture_output=True, text=True)
-    assert rendered.returncode == 0, rendered.stderr
-    docs = yaml.safe_load_all(rendered.stdout)
-    return {doc["kind"]: doc for doc in docs if not doc["metadata"]["name"].startswith("finetune-sweep")}
-
-
-def container(docs: dict) -> dict:
-    return docs["Job"]["spec"]["template"]["spec"]["containers"][0]
-
-
-def pod_environment(docs: dict, index: int = 0) -> dict:
-    """The container's environment in the pod of completion index `index`: the ConfigMap, then env, with the
-    downward API's values as the Job controller sets them (the Job's name, the index)."""
-    job = docs["Job"]
-    env = dict(docs["ConfigMap"]["data"])
-    fields = {
-        "metadata.labels['batch.kubernetes.io/job-name']": job["metadata"]["name"],
-        "metadata.annotations['batch.kubernetes.io/job-completion-index']": str(index),
-    }
-    for var in container(docs).get("env", []):
-        env[var["name"]] = var["value"] if "value" in var else fields[var["valueFrom"]["fieldRef"]["fieldPath"]]
-    if job["spec"].get("completionMode") == "Indexed":
-        env["JOB_COMPLETION_INDEX"] = str(index)
-    if "SWEEP_FILE" in env:  # mounted from the ConfigMap that kustomize generates from this file
-        env["SWEEP_FILE"] = str(SWEEP)
-    return env
 
 
 @pytest.fixture

@@ -1,0 +1,57 @@
+"""k8s/multi-node on one machine: its two pods started as separate "nodes" by bench/multi_node.py, each with the pod's
+command and environment (NODE_RANK from its completion index; pod 0's rendezvous address replaced by localhost) and
+a scratch folder of its own, on CPU (gloo, one rank per node), against the S3 server."""
+
+import json
+
+import pytest
+
+from bench.multi_node import node_environments, render, start_nodes
+from tests.conftest import job_environment, jsonl, put, read_objects
+
+ROWS = [{"instruction": "Reverse the word.", "input": w, "output": w[::-1]} for w in ["alpha", "bravo", "echo"] * 8]
+
+
+@pytest.fixture
+def nodes(tmp_path, s3_endpoint, s3, bucket, tiny_model_dir):
+    """Starts both nodes with the manifest's environment and these settings; returns their exit codes and logs."""
+    for path in tiny_model_dir.iterdir():
+        put(s3, bucket, f"models/tiny/{path.name}", path.read_bytes())
+    docs = render("k8s/multi-node")
+
+    def run(settings: dict) -> list[tuple[int, list[dict]]]:
+        # NPROC_PER_NODE: the manifest's `gpu` (one rank per GPU) needs GPUs; here one rank per node.
+        settings = {"BASE_MODEL": f"s3://{bucket}/models/tiny/", "OUTPUT_URI": f"s3://{bucket}/runs",
+                    "NPROC_PER_NODE": "1", "TRAIN_BACKEND": "hf", "LOAD_IN_4BIT": "false", "OPTIMIZER": "adamw_torch",
+                    "MAX_STEPS": "4", "PER_DEVICE_BATCH_SIZE": "2", "GRAD_ACCUM_STEPS": "1", "PACKING": "false",
+                    "NUM_SAMPLE_PROMPTS": "1", "MAX_NEW_TOKENS": "2", "CHECKPOINT_EVERY_STEPS": "0",
+                    **settings}  # fmt: skip
+        processes = start_nodes(node_environments(docs, settings, tmp_path), job_environment(tmp_path, s3_endpoint, {}),
+                                tmp_path / "logs", gpus=False)  # fmt: skip
+        codes = [process.wait(timeout=600) for process in processes]
+        logs = [(tmp_path / "logs" / f"node-{i}.log").read_text().splitlines() for i in range(len(processes))]
+        return [(code, [json.loads(line) for line in log if line.startswith("{")]) for code, log in zip(codes, logs)]
+
+    return run
+
+
+def test_both_nodes_train_each_fetches_the_model_and_rank_0_alone_publishes(nodes, s3, bucket, tmp_path):
+    (code_0, log_0), (code_1, log_1) = nodes({"DATASET_URI": put(s3, bucket, "d.jsonl", jsonl(ROWS))})
+    assert (code_0, code_1) == (0, 0), (log_0[-3:], log_1[-3:])
+    # Only rank 0 logs past the start (other ranks log warnings and errors); a world of 2 is both nodes in.
+    assert [line["message"] for line in log_0 + log_1 if line["message"].startswith("rank ")] == [
+        "rank 0 of 2 (local rank 0)"
+    ]
+    steps = [[line for line in log if line["message"].startswith("step ")] for log in (log_0, log_1)]
+    assert sum(map(bool, steps)) == 1 and len(max(steps, key=len)) == 4, "rank 0 logs the steps of one run"
+    publishers = [log for log in (log_0, log_1) if any(line["message"] == "publish: started" for line in log)]
+    assert len(publishers) == 1, "rank 0 alone publishes"
+    for node in ("node-0", "node-1"):  # each node's local rank 0 fetched the model to its own disk
+        assert list((tmp_path / node).rglob("base_model/config.json")), f"{node} has no copy of the base model"
+    manifests = [key for key in read_objects(s3, bucket, "runs/") if key.endswith("/manifest.json")]
+    assert len(manifests) == 1 and manifests[0].startswith("runs/finetune-"), manifests
+
+
+def test_a_dataset_error_exits_65_on_both_nodes(nodes, s3, bucket):
+    results = nodes({"DATASET_URI": put(s3, bucket, "bad.jsonl", '{"text": "a"}\n{oops\n')})
+    assert [code for code, _ in results] == [65, 65], [log[-2:] for _, log in results]
