@@ -131,7 +131,13 @@ def main() -> int:
     print(f"| shape | GPUs | tokens/s steady | scaling |\n|---|---|---|---|\n| {args.shape} | 1 | {single:,.0f} | |\n"
           f"| {args.shape} | 2 nodes x 1 | {both:,.0f} | {both / (2 * single):.1%} |")  # fmt: skip
     print("two nodes:", json.dumps({k: metrics.get(k) for k in ("micro_batch", "grad_accum", "tokens", "steps")}))
-    return 0
+    # A failure on one node (rank 0 reads the dataset) is the same classified exit on both.
+    bad = out / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n{oops\n')
+    failing = node_environments(render("k8s/multi-node", args.rendered), settings | {"DATASET_URI": str(bad)}, out)
+    codes = [process.wait() for process in start_nodes(failing, base, out / "bad", gpus=True)]
+    print(f"a bad dataset on two nodes: exits {codes} (65 expected on both)")
+    return 0 if codes == [65, 65] else 1
 
 
 if __name__ == "__main__":
