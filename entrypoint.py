@@ -36,7 +36,7 @@ from job import (
 from job.context import ADAPTER, CHECKPOINTS, CONFIG, FAILURE, MANIFEST, Device, Run
 from job.errors import ConfigInvalid, GpuOutOfMemory, JobError, Preempted, redact
 from job.settings import Settings, read_settings
-from job.storage import Storage, is_s3, join
+from job.storage import Storage, is_hub, is_s3, join
 
 log = logging.getLogger("job")
 
@@ -63,7 +63,9 @@ def main() -> int:
         logs.setup(fmt if fmt in ("json", "text") else "auto")
         return fail(exc, None, None)
     logs.setup(settings.LOG_FORMAT, settings.RANK if settings.WORLD_SIZE > 1 else None)
-    if all(is_s3(uri) or Path(uri).is_dir() for uri in (settings.BASE_MODEL, settings.BASE_MODEL_16BIT) if uri):
+    models = (settings.BASE_MODEL, settings.BASE_MODEL_16BIT)
+    hub_data = is_hub(settings.DATASET_URI) or is_hub(settings.SAMPLE_PROMPTS_URI or "")
+    if all(is_s3(uri) or Path(uri).is_dir() for uri in models if uri) and not hub_data:
         # Nothing to fetch from the Hub: never wait on its retries (before huggingface_hub reads this, on import).
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if launch.wanted(settings):

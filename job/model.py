@@ -12,7 +12,7 @@ from pathlib import Path
 from job import distributed
 from job.context import Device
 from job.errors import AccessDenied, ConfigInvalid, InputNotFound
-from job.storage import Storage, is_s3
+from job.storage import Storage, hub_token, is_s3
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +117,6 @@ def parameter_count(config) -> int:
 
     with torch.device("meta"):
         return sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
-
-
-def hub_token(settings) -> str | None:
-    return settings.HF_TOKEN.get_secret_value() if settings.HF_TOKEN else None
 
 
 def hub_error(exc: Exception, what: str) -> Exception:

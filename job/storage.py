@@ -1,16 +1,20 @@
-"""Reading and writing s3:// and local locations, with the contract's exit codes for every failure.
+"""Reading and writing s3:// and local locations, and reading hf://datasets/ ones, with the contract's exit codes for
+every failure.
 
 boto3 does the work: s3transfer's TransferManager for concurrent and multipart transfers, the "standard"
 retry mode for throttling and dropped connections (attempts from AWS_MAX_ATTEMPTS, default 3), and
-AWS_ENDPOINT_URL_S3 for MinIO and other S3-compatible stores.
+AWS_ENDPOINT_URL_S3 for MinIO and other S3-compatible stores. huggingface_hub reads Hub datasets (HF_TOKEN,
+HF_ENDPOINT), its files pinned to the commit that the listing found.
 """
 
 # Storage.list shadows the builtin in the class body, where annotations would otherwise be evaluated.
 from __future__ import annotations
 
+import glob
 import hashlib
 import logging
 import os
+import re
 import shutil
 import uuid
 from contextlib import contextmanager
@@ -29,6 +33,10 @@ TEMPORARY = {"SlowDown", "RequestTimeout", "Throttling", "InternalError", "Servi
 NOT_WRITTEN = {"PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"}
 MAX_CONCURRENCY = 8  # parallel requests per transfer; botocore's connection pool holds 10
 DELETE_BATCH = 1000  # the most keys one DeleteObjects request takes
+HUB_TIMEOUT = 60  # seconds for the Hub's listing of a dataset; huggingface_hub would wait forever
+# The datasets library's names of its splits (datasets.data_files.SPLIT_KEYWORDS): a file is in a split when a word of
+# its path (cut at "/", "-", "_", ".", spaces and digits) is one of them; another split name stands for itself.
+SPLITS = (("train", "training"), ("validation", "valid", "dev", "val"), ("test", "testing", "eval", "evaluation"))
 
 
 def is_s3(uri: str) -> bool:
@@ -38,6 +46,41 @@ def is_s3(uri: str) -> bool:
 def split_s3(uri: str) -> tuple[str, str]:
     bucket, _, key = uri[5:].partition("/")
     return bucket, key
+
+
+def is_hub(uri: str) -> bool:
+    return uri.startswith("hf://")
+
+
+def split_hub(uri: str) -> tuple[str, str]:
+    """(OWNER/NAME, path in the repo, "" for none) of hf://datasets/OWNER/NAME[/path]."""
+    owner, name, path = (uri.removeprefix("hf://datasets/") + "//").split("/", 2)
+    return f"{owner}/{name}", path.strip("/")
+
+
+def in_split(path: str, split: str) -> bool:
+    names = next((names for names in SPLITS if split.lower() in names), (split.lower(),))
+    return not set(names).isdisjoint(re.split(r"[-._ 0-9/]+", path.lower()))
+
+
+def hub_select(files: list[str], path: str, keep) -> list[str]:
+    """The repo's files that hf://datasets/OWNER/NAME/path names, sorted: the file path; or the files under the folder
+    path, or else those of the split path, that keep() accepts. Without a path: the train split, or when no file is
+    named for it, every file that keep() accepts and that is not named for validation or test."""
+    if path in files:
+        return [path]
+    kept = sorted(name for name in files if keep(name))
+    if any(name.startswith(path + "/") for name in files):
+        return [name for name in kept if name.startswith(path + "/")]
+    if path:
+        return [name for name in kept if in_split(name, path)]
+    return [name for name in kept if in_split(name, "train")] or [
+        name for name in kept if not in_split(name, "validation") and not in_split(name, "test")
+    ]
+
+
+def hub_token(settings) -> str | None:
+    return settings.HF_TOKEN.get_secret_value() if settings.HF_TOKEN else None
 
 
 def join(uri: str, *parts: str) -> str:
@@ -104,6 +147,47 @@ def s3_errors(uri: str):
         ) from None
 
 
+@contextmanager
+def hub_errors(where: str):
+    """Turns huggingface_hub's exceptions, and the ones they wrap, into the job's; where: "DATASET_URI=hf://...".
+    No server text goes into a 401 or 403 message."""
+    import httpx
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled
+
+    try:
+        yield
+    except Exception as exc:
+        chain = [exc]
+        while chain[-1].__cause__ is not None:
+            chain.append(chain[-1].__cause__)
+        status = next(
+            (e.response.status_code for e in chain if isinstance(e, HfHubHTTPError) and e.response is not None), None
+        )
+        broken = next((e for e in chain if isinstance(e, httpx.TransportError)), None)
+        if any(isinstance(e, OfflineModeIsEnabled) for e in chain):
+            raise ConfigInvalid(
+                f"{where}: HF_HUB_OFFLINE=1 keeps the job off the Hub: unset it, or copy the dataset to s3:// or a path"
+            ) from None
+        if any(isinstance(e, GatedRepoError) for e in chain):
+            raise AccessDenied(
+                f"{where}: the dataset is gated ({status}): accept its terms on its Hub page, and set HF_TOKEN to a "
+                "token of that account"
+            ) from None
+        if status in (401, 403):
+            raise AccessDenied(
+                f"{where}: the Hub refused access ({status}): the dataset is private, or HF_TOKEN is invalid, or there "
+                "is no such dataset: check OWNER/NAME, and set HF_TOKEN to a token of an account with access"
+            ) from None
+        if status == 404:
+            raise InputNotFound(f"{where}: not found on the Hub (404): check OWNER/NAME and the path") from None
+        if broken is not None or (status or 0) >= 500 or status in (408, 429):
+            reason = f"HTTP {status}" if status else (str(broken) or type(broken).__name__).splitlines()[0][:200]
+            raise TemporaryFailure(
+                f"{where}: the Hub is unreachable ({reason}): check the network and HF_ENDPOINT, or try again later"
+            ) from None
+        raise
+
+
 class Storage:
     def __init__(self, settings):
         self.settings = settings
@@ -141,8 +225,10 @@ class Storage:
 
     def fetch(self, uri: str, dest: Path, keep=is_data_file) -> list[tuple[str, Path]]:
         """(address, local path) of the file at uri, or of every file under it that keep(name) accepts,
-        in key order. s3:// objects are downloaded into dest; local files are used where they are.
-        The default keeps data files, skipping README, _SUCCESS and the like."""
+        in key order. s3:// objects and hf://datasets/ files (hub_select) are downloaded into dest; local files
+        are used where they are. The default keeps data files, skipping README, _SUCCESS and the like."""
+        if is_hub(uri):
+            return self._fetch_hub(uri, dest, keep)
         if not is_s3(uri):
             return self._select_local(uri, keep)
         bucket = split_s3(uri)[0]
@@ -155,7 +241,14 @@ class Storage:
 
     def identify(self, uri: str) -> list[dict]:
         """What fetch(uri) would return, without downloading it: s3 objects by ETag and size from the listing
-        (or HEAD), local files by sha256 and size."""
+        (or HEAD), Hub files by their LFS sha256 (else git blob id) and size, local files by sha256 and size."""
+        if is_hub(uri):
+            repo, _ = split_hub(uri)
+            return [
+                {"uri": f"hf://datasets/{repo}/{f.rfilename}", "bytes": f.size}
+                | ({"sha256": f.lfs.sha256} if f.lfs else {"etag": f.blob_id})
+                for f in self._hub_files(uri, is_data_file)[1]
+            ]
         if not is_s3(uri):
             return [
                 {"uri": source, "sha256": sha256_of(path), "bytes": path.stat().st_size}
@@ -168,6 +261,42 @@ class Storage:
             {"uri": f"s3://{bucket}/{obj['Key']}", "etag": obj["ETag"].strip('"'), "bytes": obj["Size"]}
             for obj, _ in selected
         ]
+
+    def _hub_files(self, uri: str, keep) -> tuple[str, list]:
+        """The commit the Hub resolves the dataset's main branch to, and the RepoSibling (rfilename, size, blob_id,
+        lfs) of each file that uri selects (hub_select)."""
+        from huggingface_hub import HfApi
+
+        repo, path = split_hub(uri)
+        with hub_errors(self._named(uri)):
+            info = HfApi().dataset_info(repo, files_metadata=True, timeout=HUB_TIMEOUT, token=hub_token(self.settings))
+        files = {f.rfilename: f for f in info.siblings or []}
+        selected = hub_select(list(files), path, keep)
+        if not selected:
+            raise InputNotFound(
+                f"{self._named(uri)}: no such file, folder or split in the dataset (commit {info.sha}), or no data "
+                f"files ({', '.join(DATA_SUFFIXES)}) in it: check the path, or name a file, folder or split"
+            )
+        return info.sha, [files[name] for name in selected]
+
+    def _fetch_hub(self, uri: str, dest: Path, keep) -> list[tuple[str, Path]]:
+        from huggingface_hub import snapshot_download
+
+        commit, files = self._hub_files(uri, keep)
+        repo, names = split_hub(uri)[0], [f.rfilename for f in files]
+        targets = [safe_target(dest, name) for name in names]
+        log.info("%s: %d files of commit %s", uri, len(names), commit)
+        with hub_errors(self._named(uri)):
+            snapshot_download(
+                repo, repo_type="dataset", revision=commit, allow_patterns=[glob.escape(name) for name in names],
+                local_dir=dest, token=hub_token(self.settings), max_workers=MAX_CONCURRENCY,
+            )  # fmt: skip
+        return [(f"hf://datasets/{repo}/{name}", target) for name, target in zip(names, targets)]
+
+    def _named(self, uri: str) -> str:
+        """uri after the name of the setting that holds it (DATASET_URI=hf://...), for error messages."""
+        name = next((n for n in ("DATASET_URI", "SAMPLE_PROMPTS_URI") if getattr(self.settings, n, None) == uri), None)
+        return f"{name}={uri}" if name else uri
 
     def _select(self, uri: str, keep) -> list[tuple[dict, str]]:
         """The objects fetch(uri) takes, each with its path under dest: the object at uri, or every object
