@@ -110,6 +110,7 @@ def main() -> int:
     if not (model / "config.json").is_file():
         build(args.shape, model, quantized=True)
     out = args.out / "multi-node"
+    out.mkdir(parents=True, exist_ok=True)
     data = write(full_rows(400), out / "full.jsonl")
     settings = {"BASE_MODEL": str(model), "DATASET_URI": str(data), "OUTPUT_URI": str(out / "runs"),
                 "MAX_STEPS": str(args.steps), "CHECKPOINT_EVERY_STEPS": "0", "NUM_SAMPLE_PROMPTS": "2",
