@@ -12,6 +12,7 @@ from pathlib import Path
 
 from job import distributed, logs, preemption
 from job.context import ADAPTER, TENSORBOARD, TRAIN_LOG, Run
+from job.errors import AccessDenied, TemporaryFailure, redact
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +180,17 @@ def continue_tracking(settings, run: Run) -> None:
         import mlflow
 
         experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", "Default")
-        found = mlflow.search_runs(experiment_names=[experiment], filter_string=f"attributes.run_name = '{run.id}'",
-                                   max_results=1, output_format="list")  # fmt: skip
+        try:
+            found = mlflow.search_runs(experiment_names=[experiment], filter_string=f"attributes.run_name = '{run.id}'",
+                                       max_results=1, output_format="list")  # fmt: skip
+        except Exception as exc:  # before the first step: the tracking server is away or refuses these credentials
+            problem = redact(str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__)
+            where = f"REPORT_TO=mlflow: MLFLOW_TRACKING_URI={redact(mlflow.get_tracking_uri())}"
+            if any(code in problem for code in ("401", "403", "UNAUTHENTICATED", "PERMISSION_DENIED")):
+                raise AccessDenied(f"{where} refused access ({problem}): check MLFLOW_TRACKING_TOKEN or "
+                                   "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD") from None  # fmt: skip
+            raise TemporaryFailure(f"{where} cannot be reached ({problem}): check the server and the address, "
+                                   "or leave mlflow out of REPORT_TO") from None  # fmt: skip
         if found:
             os.environ["MLFLOW_RUN_ID"] = found[0].info.run_id
 

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import safetensors.torch
 
-from tests.conftest import DEMO_DATA, error_line, jsonl, log_lines, put, read_objects
+from tests.conftest import DEMO_DATA, error_line, free_port, jsonl, log_lines, put, read_objects
 
 DEMO_ROWS = [json.loads(line) for line in DEMO_DATA.read_text().splitlines()]
 OUTPUTS = {"adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/tokenizer.json",
@@ -396,3 +396,15 @@ def test_text_mode_shows_step_lines_a_closing_summary_and_text_errors(run_job, s
     assert bad.returncode == 78
     [line] = [line for line in bad.stderr.splitlines() if "LORA_R" in line]
     assert " ERROR [start] " in line and not line.startswith("{")
+
+
+def test_an_unreachable_mlflow_server_exits_75_before_the_first_step_naming_it(run_job, s3, bucket):
+    port = free_port()  # nothing listens there
+    result = run_job({"DRY_RUN": "true", "DATASET_URI": put(s3, bucket, "d.jsonl", jsonl(DEMO_ROWS[:20])),
+                      "OUTPUT_URI": f"s3://{bucket}/runs", "RUN_ID": "tracked", "REPORT_TO": "mlflow",
+                      "MLFLOW_TRACKING_URI": f"http://user:canary-pass@127.0.0.1:{port}",
+                      "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})  # fmt: skip
+    assert result.returncode == 75, result.stderr[-3000:]
+    message = error_line(result)
+    assert message.startswith("REPORT_TO=mlflow: MLFLOW_TRACKING_URI=http://***@127.0.0.1:") and "REPORT_TO" in message
+    assert "canary" not in result.stderr and not any(line["message"].startswith("step ") for line in log_lines(result))
