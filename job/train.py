@@ -4,6 +4,7 @@ checkpoints to OUTPUT_URI and stopping cleanly on SIGTERM."""
 import json
 import logging
 import os
+import re
 import resource
 import shutil
 import time
@@ -186,7 +187,7 @@ def continue_tracking(settings, run: Run) -> None:
         except Exception as exc:  # before the first step: the tracking server is away or refuses these credentials
             problem = redact(str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__)
             where = f"REPORT_TO=mlflow: MLFLOW_TRACKING_URI={redact(mlflow.get_tracking_uri())}"
-            if any(code in problem for code in ("401", "403", "UNAUTHENTICATED", "PERMISSION_DENIED")):
+            if re.search(r"\b(401|403|UNAUTHENTICATED|PERMISSION_DENIED)\b", problem):
                 raise AccessDenied(f"{where} refused access ({problem}): check MLFLOW_TRACKING_TOKEN or "
                                    "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD") from None  # fmt: skip
             raise TemporaryFailure(f"{where} cannot be reached ({problem}): check the server and the address, "
