@@ -193,6 +193,7 @@ class Storage:
         self.settings = settings
         self._client = None
         self._transfers = None
+        self._hub_listings = {}  # OWNER/NAME: its dataset_info, read once: the files identified are those downloaded
 
     @property
     def client(self):
@@ -264,12 +265,16 @@ class Storage:
 
     def _hub_files(self, uri: str, keep) -> tuple[str, list]:
         """The commit the Hub resolves the dataset's main branch to, and the RepoSibling (rfilename, size, blob_id,
-        lfs) of each file that uri selects (hub_select)."""
+        lfs) of each file that uri selects (hub_select), from one listing of the repo for the whole run."""
         from huggingface_hub import HfApi
 
         repo, path = split_hub(uri)
-        with hub_errors(self._named(uri)):
-            info = HfApi().dataset_info(repo, files_metadata=True, timeout=HUB_TIMEOUT, token=hub_token(self.settings))
+        if repo not in self._hub_listings:
+            with hub_errors(self._named(uri)):
+                self._hub_listings[repo] = HfApi().dataset_info(
+                    repo, files_metadata=True, timeout=HUB_TIMEOUT, token=hub_token(self.settings)
+                )
+        info = self._hub_listings[repo]
         files = {f.rfilename: f for f in info.siblings or []}
         selected = hub_select(list(files), path, keep)
         if not selected:

@@ -200,6 +200,8 @@ def test_a_split_of_a_sharded_parquet_dataset_trains_end_to_end(run_hub_job, hub
     # LFS files are identified by the sha256 the Hub lists for them.
     assert [f["sha256"] for f in config["DATASET_FILES"]] == [hashlib.sha256(shards[n]).hexdigest() for n in train]
     assert not any("test-00000" in r for r in hub.requests)
+    listings = [r for r in hub.requests if r.split()[1].split("?")[0] == "/api/datasets/acme/shards"]
+    assert len(listings) == 1, hub.requests  # the identity's listing is the download's
 
 
 FILES = ["README.md", "data/train-00000-of-00001.parquet", "data/validation-00000-of-00001.parquet",
