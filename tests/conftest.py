@@ -179,7 +179,25 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return path
 
 
-class FaultyProxy:
+class Loopback:
+    """An HTTP server on 127.0.0.1, serving in a thread while entered; its handler reaches this object as
+    self.server.owner."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler]):
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server.owner = self
+        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self):
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class FaultyProxy(Loopback):
     """An S3 endpoint on loopback that forwards every request to upstream (moto) and fails a fraction of them:
     fault_rate (0 to 1) of the requests fail, each in one of the ways in faults, drawn from a random.Random with
     a fixed seed. The n-th request's fate is the same in every run; with concurrent transfers, which request
@@ -207,17 +225,7 @@ class FaultyProxy:
         self.fault_rate, self.faults, self.max_faults, self.faulted = 0.0, ("503", "500", "reset"), None, Counter()
         self.refuse_conditional, self.requests = False, []
         self._random, self._lock = random.Random(seed), threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _ProxyHandler)
-        self._server.proxy = self
-        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def __enter__(self):
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self._server.shutdown()
-        self._server.server_close()
+        super().__init__(_ProxyHandler)
 
     def fault(self, headers) -> str | None:
         """How this request fails, or None to forward it."""
@@ -241,7 +249,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         pass
 
     def forward(self):
-        proxy: FaultyProxy = self.server.proxy
+        proxy: FaultyProxy = self.server.owner
         proxy.requests.append(f"{self.command} {self.path}")
         fault = proxy.fault(self.headers)
         if fault == "reset":

@@ -5,9 +5,8 @@ dataset's listing and download."""
 import hashlib
 import io
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -18,7 +17,7 @@ from job.errors import ConfigInvalid
 from job.settings import Settings, read_settings
 from job.storage import hub_select as select
 from job.storage import is_data_file
-from tests.conftest import DEMO_DATA, error_line, free_port, jsonl
+from tests.conftest import DEMO_DATA, Loopback, error_line, free_port, jsonl
 
 ROWS = [json.loads(line) for line in DEMO_DATA.read_text().splitlines()][:24]
 TOKEN = "hf_fake_hub_token_of_the_tests"  # the one token the fake Hub accepts for private datasets
@@ -32,7 +31,7 @@ def parquet(rows) -> bytes:
     return buffer.getvalue()
 
 
-class FakeHub:
+class FakeHub(Loopback):
     """A Hub on loopback that serves datasets added with add(): GET /api/datasets/OWNER/NAME (the listing with
     ?blobs=true), GET /api/datasets/OWNER/NAME/tree/REV (recursive), HEAD and GET
     /datasets/OWNER/NAME/resolve/REV/PATH, with the Hub's headers (X-Repo-Commit, ETag, Content-Length, X-Error-Code).
@@ -43,9 +42,7 @@ class FakeHub:
 
     def __init__(self):
         self.repos, self.private, self.gated, self.broken, self.requests = {}, set(), set(), set(), []
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _HubHandler)
-        self._server.hub = self
-        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+        super().__init__(_HubHandler)
 
     def add(self, repo: str, files: dict[str, bytes], private: bool = False, gated: bool = False) -> str:
         self.repos[repo] = files
@@ -66,14 +63,6 @@ class FakeHub:
             entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
         return entry
 
-    def __enter__(self):
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self._server.shutdown()
-        self._server.server_close()
-
 
 def git_blob_id(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
@@ -86,7 +75,7 @@ class _HubHandler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self):
-        hub: FakeHub = self.server.hub
+        hub: FakeHub = self.server.owner
         auth = self.headers.get("Authorization", "")
         hub.requests.append(f"{self.command} {self.path} {auth}")
         parts = unquote(urlsplit(self.path).path).strip("/").split("/")

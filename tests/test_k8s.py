@@ -6,8 +6,7 @@ import json
 import os
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ import yaml
 from bench.multi_node import SWEEP, container, pod_environment, render
 from job import errors, launch
 from job.settings import read_settings
-from tests.conftest import ROOT
+from tests.conftest import ROOT, Loopback
 
 DATASET = [{"uri": "s3://my-bucket/datasets/alpaca.jsonl", "etag": "abc", "bytes": 1234}]
 
@@ -105,10 +104,8 @@ def api_server():
         def log_message(self, *args):
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
+    with Loopback(Handler) as server:
+        yield server.endpoint
 
 
 @pytest.mark.parametrize("manifest", ["-f k8s/job.yaml", "-k k8s", "-k k8s/multi-gpu", "-k k8s/multi-node",
