@@ -11,7 +11,6 @@ FILE: `kubectl kustomize k8s/multi-node` saved elsewhere, for hosts without kube
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -87,16 +86,8 @@ def start_nodes(nodes: list[dict], base: dict, logs: Path, gpus: bool) -> list[s
     ]
 
 
-def steady(run: Path) -> float:
-    """The median tokens/s over the steps after a 3-step warm-up, as bench/train_bench.py counts them."""
-    from bench.train_bench import steady_spans
-
-    steps = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
-    return statistics.median(rate for _, rate in steady_spans([s for s in steps if "loss" in s]))
-
-
 def main() -> int:
-    from bench.real_data import full_rows, write
+    from bench.real_data import full_rows, steady_rate, train_steps, write
     from bench.synthetic_model import build
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -127,7 +118,7 @@ def main() -> int:
     print(f"two nodes: exits {codes} in {time.time() - start:.0f} s", flush=True)
     if one or any(codes):
         return 1
-    single, both = steady(out / "runs" / "one-gpu"), steady(out / "runs" / "two-nodes")
+    single, both = (steady_rate(train_steps(out / "runs" / run)) for run in ("one-gpu", "two-nodes"))
     metrics = json.loads((out / "runs" / "two-nodes" / "metrics.json").read_text())
     print(f"| shape | GPUs | tokens/s steady | scaling |\n|---|---|---|---|\n| {args.shape} | 1 | {single:,.0f} | |\n"
           f"| {args.shape} | 2 nodes x 1 | {both:,.0f} | {both / (2 * single):.1%} |")  # fmt: skip

@@ -65,6 +65,18 @@ def write(rows: list[dict], path: Path) -> Path:
     return path
 
 
+def train_steps(run: Path) -> list[dict]:
+    """The training rows (those with a loss) of the published run's train_log.jsonl."""
+    rows = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    return [row for row in rows if "loss" in row]
+
+
+def steady_rate(steps: list[dict]) -> int | None:
+    """The median tokens/s of the steps after the warm-up, as bench/train_bench.py counts them."""
+    rates = [tokens_per_second for _, tokens_per_second in steady_spans(steps)]
+    return round(statistics.median(rates)) if rates else None
+
+
 def run_job(name: str, env: dict, out: Path) -> dict:
     log = out / f"{name}.log"
     start = time.time()
@@ -76,16 +88,14 @@ def run_job(name: str, env: dict, out: Path) -> dict:
         print(f"{name}: exit {code}; see {log}", file=sys.stderr)
         return {"name": name, "exit": code}
     metrics = json.loads(metrics_file.read_text())
-    steps = [json.loads(line) for line in (metrics_file.parent / "train_log.jsonl").read_text().splitlines()]
-    steps = [r for r in steps if "loss" in r]
-    rates = [tokens_per_second for _, tokens_per_second in steady_spans(steps)]  # as bench/train_bench.py
+    steps = train_steps(metrics_file.parent)
     # Where the first minute goes: seconds from the process's start to the first line of each stage.
     lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith('{"time"')]
     stages = {}
     for line in lines:
         stages.setdefault(line["stage"], round(line["time"] - start, 1))
     return {"name": name, "exit": code, "wall_seconds": round(wall, 1), **metrics,
-            "steady_tokens_per_second": round(statistics.median(rates)) if rates else None, "stage_starts": stages,
+            "steady_tokens_per_second": steady_rate(steps), "stage_starts": stages,
             "steps_logged": [(r["step"], r["tokens"], r["seconds"], round(r["loss"], 4)) for r in steps]}  # fmt: skip
 
 
