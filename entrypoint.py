@@ -298,6 +298,7 @@ def fail(exc: Exception, storage: Storage | None, out: str | None) -> int:
     kind = type(exc).__name__
     message = redact(str(exc) if isinstance(exc, JobError) else f"{kind}: {exc}")
     log.error("%s", message, extra={"fields": {"exit_code": code, "error": kind}})
+    launch.report(code, f"{kind}: {message}")
     record = {"exit_code": code, "class": CLASSES.get(code, "unexpected"), "error": kind,
               "stage": logs.current_stage(), "message": message}  # fmt: skip
     record |= getattr(exc, "fields", {})

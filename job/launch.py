@@ -1,10 +1,18 @@
 """Several processes from one container: with NPROC_PER_NODE above 1 (or `gpu`), or NNODES above 1, the job
 starts torchrun itself, in this process, and exits with its ranks' classified code (rank 0's when it
 failed), so that 65, 70, 78 and 143 reach Kubernetes' podFailurePolicy; torchrun's own command exits 1
-whatever its ranks exit with. SIGTERM reaches every rank through torchrun, which waits for them to commit
-their checkpoint (up to TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s by default)."""
+whatever its ranks exit with. Each failing rank writes its code to torchrun's error file (TORCHELASTIC_ERROR_FILE),
+so the code survives a rank that torchrun stops or that aborts on its way out. SIGTERM reaches every rank through
+torchrun, which waits for them to commit their checkpoint (up to TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s by default).
 
+Nodes meet at a static rendezvous: node 0 hosts it and node ranks are the Job's completion indexes. Unlike c10d's,
+it is not read again once the ranks start, so a node that leaves first (its ranks failed) takes nothing from the
+others, which exit with their own ranks' code."""
+
+import json
 import logging
+import os
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -24,7 +32,7 @@ def arguments(settings) -> list[str]:
         args.append("--standalone")
     else:  # node 0 hosts the rendezvous; every node of the run names the same id
         rdzv_id = settings.RUN_ID or settings.RUN_NAME or "finetune-job"
-        args += [f"--node-rank={settings.NODE_RANK}", "--rdzv-backend=c10d",
+        args += [f"--node-rank={settings.NODE_RANK}", "--rdzv-backend=static",
                  f"--rdzv-endpoint={settings.RDZV_ENDPOINT}", f"--rdzv-id={rdzv_id}"]  # fmt: skip
     return [*args, str(ENTRYPOINT)]
 
@@ -45,8 +53,21 @@ def torchrun(settings) -> int:
 
 
 def exit_code(failures: dict) -> int:
-    """The ranks' classified code: rank 0's, unless it only stopped because torchrun stopped it (SIGTERM, after
-    another rank failed first); then the lowest rank's that failed on its own."""
-    codes = {rank: f.exitcode if f.exitcode > 0 else 128 - f.exitcode for rank, f in failures.items()}  # -15: 143
-    own = {rank: code for rank, code in codes.items() if code != 143}
-    return own[min(own)] if own else 143
+    """The ranks' classified code: the lowest rank's that reported its own failure (143 is torchrun stopping a rank
+    after another failed); else, from ranks that reported nothing (killed, aborted), the lowest rank's exit status."""
+    messages = {rank: f.error_file_data.get("message") for rank, f in failures.items()}
+    reported = {rank: message.get("errorCode") for rank, message in messages.items() if isinstance(message, dict)}
+    status = {rank: f.exitcode if f.exitcode > 0 else 128 - f.exitcode for rank, f in failures.items()}  # -6: 134
+    for codes in (reported, status):
+        own = {rank: code for rank, code in codes.items() if code not in (None, 143)}
+        if own:
+            return own[min(own)]
+    return 143
+
+
+def report(code: int, message: str) -> None:
+    """In a rank that torchrun started: its failure, in the error file torchrun reads back (the format of its
+    ErrorHandler, plus errorCode), for exit_code above."""
+    if path := os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        error = {"message": message, "errorCode": code, "extraInfo": {"timestamp": str(int(time.time()))}}
+        Path(path).write_text(json.dumps({"message": error}))
