@@ -13,7 +13,7 @@ from pathlib import Path
 
 from job import distributed, logs, preemption
 from job.context import ADAPTER, TENSORBOARD, TRAIN_LOG, Run
-from job.errors import AccessDenied, TemporaryFailure, redact
+from job.errors import AccessDenied, ConfigInvalid, TemporaryFailure, redact
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +177,8 @@ def continue_tracking(settings, run: Run) -> None:
         os.environ.setdefault("WANDB_RUN_ID", run.id)
         os.environ.setdefault("WANDB_RESUME", "allow")
         os.environ.setdefault("WANDB_DIR", str(run.scratch))  # not the working directory: the image's is read-only
+        if os.environ.get("WANDB_MODE", "online").strip().lower() not in ("offline", "disabled", "dryrun"):
+            wandb_login()
     if "mlflow" in settings.REPORT_TO and "MLFLOW_RUN_ID" not in os.environ:
         import mlflow
 
@@ -194,6 +196,24 @@ def continue_tracking(settings, run: Run) -> None:
                                    "or leave mlflow out of REPORT_TO") from None  # fmt: skip
         if found:
             os.environ["MLFLOW_RUN_ID"] = found[0].info.run_id
+
+
+def wandb_login() -> None:
+    """Before the first step: W&B's server must take WANDB_API_KEY (exit 77; 75 when it does not answer, 78 when
+    no key is set), instead of the first step failing as an unexpected error."""
+    import wandb
+
+    where = f"REPORT_TO=wandb: WANDB_BASE_URL={redact(os.environ.get('WANDB_BASE_URL', 'https://api.wandb.ai'))}"
+    try:
+        if not wandb.login(verify=True, prompt=False):
+            raise ConfigInvalid(f"{where}: no API key: set WANDB_API_KEY (k8s/secret.example.yaml), "
+                                "or WANDB_MODE=offline to log to files only")  # fmt: skip
+    except wandb.errors.AuthenticationError as exc:
+        problem = redact(str(exc).splitlines()[0][:300])
+        if "Failed to execute API request" in problem:  # wandb's words when no answer came in WANDB_HTTP_TIMEOUT
+            raise TemporaryFailure(f"{where} did not answer ({problem}): check the server and the address, or "
+                                   "set WANDB_MODE=offline") from None  # fmt: skip
+        raise AccessDenied(f"{where} refused WANDB_API_KEY ({problem}): check the key") from None
 
 
 def lifecycle(run: Run, uploader, lease, step_log, board=None):

@@ -6,13 +6,14 @@ import io
 import json
 import os
 import re
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import safetensors.torch
 
-from tests.conftest import DEMO_DATA, error_line, free_port, jsonl, log_lines, put, read_objects
+from tests.conftest import DEMO_DATA, Loopback, error_line, free_port, jsonl, log_lines, put, read_objects
 
 DEMO_ROWS = [json.loads(line) for line in DEMO_DATA.read_text().splitlines()]
 OUTPUTS = {"adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/tokenizer.json",
@@ -408,3 +409,47 @@ def test_an_unreachable_mlflow_server_exits_75_before_the_first_step_naming_it(r
     message = error_line(result)
     assert message.startswith("REPORT_TO=mlflow: MLFLOW_TRACKING_URI=http://***@127.0.0.1:") and "REPORT_TO" in message
     assert "canary" not in result.stderr and not any(line["message"].startswith("step ") for line in log_lines(result))
+
+
+class Refusing(BaseHTTPRequestHandler):
+    """A tracking server that refuses every request's credentials (401), as W&B and MLflow do a wrong key."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(401)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b'{"errors": [{"message": "unauthorized"}], "error_code": "UNAUTHENTICATED"}')
+
+    do_GET = do_POST
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("tracker", ["wandb", "mlflow"])
+def test_a_refused_tracking_key_exits_77_before_the_first_step_naming_the_key(run_job, s3, bucket, tracker):
+    canary = "canary" * 6 + "abcd"
+    with Loopback(Refusing) as server:
+        result = run_job({"DRY_RUN": "true", "DATASET_URI": put(s3, bucket, "d.jsonl", jsonl(DEMO_ROWS[:20])),
+                          "OUTPUT_URI": f"s3://{bucket}/runs", "RUN_ID": "tracked", "REPORT_TO": tracker,
+                          "WANDB_BASE_URL": server.endpoint, "WANDB_API_KEY": canary, "WANDB_DIR": "/tmp",
+                          "MLFLOW_TRACKING_URI": server.endpoint, "MLFLOW_TRACKING_TOKEN": canary,
+                          "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})  # fmt: skip
+    assert result.returncode == 77, result.stderr[-3000:]
+    message = error_line(result)
+    assert message.startswith(f"REPORT_TO={tracker}: ") and server.endpoint in message, message
+    assert ("WANDB_API_KEY" if tracker == "wandb" else "MLFLOW_TRACKING_TOKEN") in message
+    assert canary not in result.stderr and not any(line["message"].startswith("step ") for line in log_lines(result))
+
+
+def test_wandb_online_without_a_key_exits_78_and_without_an_answer_75(run_job, s3, bucket, tmp_path):
+    env = {"DRY_RUN": "true", "DATASET_URI": put(s3, bucket, "d.jsonl", jsonl(DEMO_ROWS[:20])),
+           "OUTPUT_URI": f"s3://{bucket}/runs", "RUN_ID": "tracked", "REPORT_TO": "wandb", "WANDB_DIR": str(tmp_path),
+           "NETRC": str(tmp_path / "netrc"), "WANDB_BASE_URL": f"http://127.0.0.1:{free_port()}"}  # fmt: skip
+    keyless = run_job(env)
+    assert keyless.returncode == 78, keyless.stderr[-3000:]
+    assert "WANDB_API_KEY" in error_line(keyless) and "WANDB_MODE=offline" in error_line(keyless)
+    away = run_job(env | {"WANDB_API_KEY": "k" * 40, "WANDB_HTTP_TIMEOUT": "2"})  # nothing listens there
+    assert away.returncode == 75, away.stderr[-3000:]
+    assert error_line(away).startswith(f"REPORT_TO=wandb: WANDB_BASE_URL={env['WANDB_BASE_URL']} did not answer")
