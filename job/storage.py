@@ -33,6 +33,7 @@ TEMPORARY = {"SlowDown", "RequestTimeout", "Throttling", "InternalError", "Servi
 NOT_WRITTEN = {"PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"}
 MAX_CONCURRENCY = 8  # parallel requests per transfer; botocore's connection pool holds 10
 DELETE_BATCH = 1000  # the most keys one DeleteObjects request takes
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # OWNER/NAME, as people copy it from the Hub
 HUB_TIMEOUT = 60  # seconds for the Hub's listing of a dataset; huggingface_hub would wait forever
 # The datasets library's names of its splits (datasets.data_files.SPLIT_KEYWORDS): a file is in a split when a word of
 # its path (cut at "/", "-", "_", ".", spaces and digits) is one of them; another split name stands for itself.
@@ -320,7 +321,9 @@ class Storage:
         if path.is_file():
             return [(uri, path)]
         if not path.is_dir():
-            raise InputNotFound(f"{uri}: no such file or folder: check the path")
+            hub_id = HUB_ID.fullmatch(uri) and not uri.endswith(DATA_SUFFIXES)
+            hint = f", or for the Hub dataset give hf://datasets/{uri}" if hub_id else ""
+            raise InputNotFound(f"{uri}: no such file or folder: check the path{hint}")
         return [(str(p), p) for p in files_under(path) if keep(p.name)] or cls._nothing_under(uri)
 
     @staticmethod

@@ -65,9 +65,17 @@ def test_missing_inputs_are_not_found(storage, bucket, tmp_path, path):
         storage.fetch(path.format(bucket=bucket), tmp_path)
 
 
-def test_missing_local_inputs_are_not_found(storage, tmp_path):
-    with pytest.raises(InputNotFound, match="no such file"):
+def test_missing_local_inputs_are_not_found(storage, tmp_path, monkeypatch):
+    with pytest.raises(InputNotFound, match="no such file") as error:
         storage.fetch(str(tmp_path / "nope.jsonl"), tmp_path)
+    assert "hf://" not in str(error.value)
+    monkeypatch.chdir(tmp_path)  # a Hub id where a path is expected: the Hub address is named
+    with pytest.raises(InputNotFound) as error:
+        storage.fetch("tatsu-lab/alpaca", tmp_path)
+    assert str(error.value).endswith("check the path, or for the Hub dataset give hf://datasets/tatsu-lab/alpaca")
+    with pytest.raises(InputNotFound) as error:
+        storage.fetch("data/train.jsonl", tmp_path)
+    assert "hf://" not in str(error.value)
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(InputNotFound, match="no data files"):
         storage.fetch(str(tmp_path), tmp_path)
