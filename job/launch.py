@@ -1,6 +1,6 @@
 """Several processes from one container: with NPROC_PER_NODE above 1 (or `gpu`), or NNODES above 1, the job
-starts torchrun itself, in this process, and exits with its ranks' classified code (rank 0's when it
-failed), so that 65, 70, 78 and 143 reach Kubernetes' podFailurePolicy; torchrun's own command exits 1
+starts torchrun itself, in this process, and exits with its ranks' classified code (the lowest failed rank's),
+so that 65, 70, 78 and 143 reach Kubernetes' podFailurePolicy; torchrun's own command exits 1
 whatever its ranks exit with. Each failing rank writes its code to torchrun's error file (TORCHELASTIC_ERROR_FILE),
 so the code survives a rank that torchrun stops or that aborts on its way out. SIGTERM reaches every rank through
 torchrun, which waits for them to commit their checkpoint (up to TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s by default).
