@@ -58,8 +58,10 @@ PLATFORM_NAMES = {
 SERVICE_LINK = re.compile(r"_SERVICE_(HOST|PORT)(_|$)|_PORT(_|$)")
 # Words that name a location: OUTPUT_DIR, DATASET_PATH and DATASET_URL all mean the *_URI setting.
 LOCATION_WORDS = {"DIR": "URI", "PATH": "URI", "URL": "URI"}
-# Hub datasets: hf://datasets/OWNER/NAME, then optionally /path/in/repo (a file or folder) or /SPLIT.
-HUB_DATASET = re.compile(r"hf://datasets/[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(/\S*)?")
+# A Hub repo's OWNER/NAME; Hub datasets: hf://datasets/OWNER/NAME, then optionally /path/in/repo (a file or folder)
+# or /SPLIT.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+HUB_DATASET = re.compile(rf"hf://datasets/{HUB_ID.pattern}(/\S*)?")
 # Required addresses that, set to "", are a mistake rather than "use the default" (there is none, or it is a model).
 NOT_EMPTY = ("BASE_MODEL", "DATASET_URI", "OUTPUT_URI")
 

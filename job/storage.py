@@ -22,6 +22,7 @@ from pathlib import Path
 
 from job.errors import AccessDenied, ConfigInvalid, DatasetInvalid, InputNotFound, TemporaryFailure
 from job.logs import progress
+from job.settings import HUB_ID
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,6 @@ TEMPORARY = {"SlowDown", "RequestTimeout", "Throttling", "InternalError", "Servi
 NOT_WRITTEN = {"PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"}
 MAX_CONCURRENCY = 8  # parallel requests per transfer; botocore's connection pool holds 10
 DELETE_BATCH = 1000  # the most keys one DeleteObjects request takes
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # OWNER/NAME, as people copy it from the Hub
 HUB_TIMEOUT = 60  # seconds for the Hub's listing of a dataset; huggingface_hub would wait forever
 # The datasets library's names of its splits (datasets.data_files.SPLIT_KEYWORDS): a file is in a split when a word of
 # its path (cut at "/", "-", "_", ".", spaces and digits) is one of them; another split name stands for itself.
