@@ -34,7 +34,7 @@ from job import (
     train,
 )
 from job.context import ADAPTER, CHECKPOINTS, CONFIG, FAILURE, MANIFEST, Device, Run
-from job.errors import ConfigInvalid, GpuOutOfMemory, JobError, Preempted, redact
+from job.errors import ConfigInvalid, GpuOutOfMemory, JobError, Preempted, first_line, redact
 from job.settings import Settings, read_settings
 from job.storage import Storage, is_hub, is_s3, join
 
@@ -310,7 +310,7 @@ def fail(exc: Exception, storage: Storage | None, out: str | None) -> int:
             with preemption.deferred():  # a second SIGTERM must not cut the record short
                 storage.put_bytes(json.dumps(record, indent=2).encode() + b"\n", join(out, FAILURE))
         except Exception as write_error:  # the output itself may be what failed
-            log.warning("could not write failure.json: %s", redact(str(write_error).splitlines()[0][:200]))
+            log.warning("could not write failure.json: %s", redact(first_line(write_error, 200)))
     return code
 
 

@@ -12,6 +12,12 @@ _USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^\s/?#\"\\]*@")
 _QUERY = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s?#\"'<>\\]*)\?[^\s#\"'<>\\]*")
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """exc's message for a one-line error or warning: its first line, at most limit characters, or its class's name
+    when it has none."""
+    return (str(exc) or type(exc).__name__).splitlines()[0][:limit]
+
+
 def redact(text: str) -> str:
     """text with the userinfo and the query string of every URL replaced by ***."""
     return _QUERY.sub(r"\1?***", _USERINFO.sub(r"\1***@", text))

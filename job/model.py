@@ -11,7 +11,7 @@ from pathlib import Path
 
 from job import distributed
 from job.context import Device
-from job.errors import AccessDenied, ConfigInvalid, InputNotFound
+from job.errors import AccessDenied, ConfigInvalid, InputNotFound, first_line
 from job.storage import Storage, hub_token, is_s3
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def _config(source: str, settings):
     try:
         return AutoConfig.from_pretrained(source, token=hub_token(settings))
     except Exception as exc:  # offline, gated, missing: a dry run carries on without it, a GPU run without a plan
-        log.info("no configuration from %s (%s)", source, str(exc).splitlines()[0][:200])
+        log.info("no configuration from %s (%s)", source, first_line(exc, 200))
         return None
 
 
@@ -121,7 +121,7 @@ def parameter_count(config) -> int:
 
 def hub_error(exc: Exception, what: str) -> Exception:
     """The job's error for a failed from_pretrained of BASE_MODEL."""
-    text = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+    text = first_line(exc)
     status = getattr(getattr(exc, "response", None), "status_code", None)
     if status in (401, 403) or type(exc).__name__ == "GatedRepoError":
         return AccessDenied(f"BASE_MODEL: the Hub refused the {what} ({text}): set HF_TOKEN to a token with access")

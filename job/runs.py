@@ -12,7 +12,7 @@ import uuid
 from datetime import UTC, datetime
 
 from job.context import ATTEMPTS, CONFIG, LEASE, Run
-from job.errors import ConfigInvalid, TemporaryFailure
+from job.errors import ConfigInvalid, TemporaryFailure, first_line
 from job.settings import TRAINED
 from job.storage import Storage
 
@@ -108,7 +108,7 @@ class Lease:
                     return
                 self._version = self.storage.get_bytes(self.uri)[1]
             except Exception as exc:  # a passing storage fault: try again at the next renewal
-                log.warning("%s: could not renew the lease (%s)", self.uri, str(exc).splitlines()[0][:200])
+                log.warning("%s: could not renew the lease (%s)", self.uri, first_line(exc, 200))
 
     def check(self) -> None:
         if self.lost.is_set():
@@ -128,7 +128,7 @@ class Lease:
             if current is not None and current[1] == self._version:
                 self.storage.delete(self.uri)
         except Exception as exc:
-            log.warning("%s: could not release the lease (%s)", self.uri, str(exc).splitlines()[0][:200])
+            log.warning("%s: could not release the lease (%s)", self.uri, first_line(exc, 200))
 
 
 def attempts(storage: Storage, run: Run) -> list[dict]:

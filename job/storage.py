@@ -20,7 +20,7 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from job.errors import AccessDenied, ConfigInvalid, DatasetInvalid, InputNotFound, TemporaryFailure
+from job.errors import AccessDenied, ConfigInvalid, DatasetInvalid, InputNotFound, TemporaryFailure, first_line
 from job.logs import progress
 from job.settings import HUB_ID
 
@@ -182,7 +182,7 @@ def hub_errors(where: str):
         if status == 404:
             raise InputNotFound(f"{where}: not found on the Hub (404): check OWNER/NAME and the path") from None
         if broken is not None or (status or 0) >= 500 or status in (408, 429):
-            reason = f"HTTP {status}" if status else (str(broken) or type(broken).__name__).splitlines()[0][:200]
+            reason = f"HTTP {status}" if status else first_line(broken, 200)
             raise TemporaryFailure(
                 f"{where}: the Hub is unreachable ({reason}): check the network and HF_ENDPOINT, or try again later"
             ) from None

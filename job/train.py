@@ -13,7 +13,7 @@ from pathlib import Path
 
 from job import distributed, logs, preemption
 from job.context import ADAPTER, TENSORBOARD, TRAIN_LOG, Run
-from job.errors import AccessDenied, ConfigInvalid, TemporaryFailure, redact
+from job.errors import AccessDenied, ConfigInvalid, TemporaryFailure, first_line, redact
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def continue_tracking(settings, run: Run) -> None:
             found = mlflow.search_runs(experiment_names=[experiment], filter_string=f"attributes.run_name = '{run.id}'",
                                        max_results=1, output_format="list")  # fmt: skip
         except Exception as exc:  # before the first step: the tracking server is away or refuses these credentials
-            problem = redact(str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__)
+            problem = redact(first_line(exc))
             where = f"REPORT_TO=mlflow: MLFLOW_TRACKING_URI={redact(mlflow.get_tracking_uri())}"
             if re.search(r"\b(401|403|UNAUTHENTICATED|PERMISSION_DENIED)\b", problem):
                 raise AccessDenied(f"{where} refused access ({problem}): check MLFLOW_TRACKING_TOKEN or "
@@ -209,7 +209,7 @@ def wandb_login() -> None:
             raise ConfigInvalid(f"{where}: no API key: set WANDB_API_KEY (k8s/secret.example.yaml), "
                                 "or WANDB_MODE=offline to log to files only")  # fmt: skip
     except wandb.errors.AuthenticationError as exc:
-        problem = redact(str(exc).splitlines()[0][:300])
+        problem = redact(first_line(exc))
         if "Failed to execute API request" in problem:  # wandb's words when no answer came in WANDB_HTTP_TIMEOUT
             raise TemporaryFailure(f"{where} did not answer ({problem}): check the server and the address, or "
                                    "set WANDB_MODE=offline") from None  # fmt: skip
