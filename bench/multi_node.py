@@ -112,7 +112,8 @@ def main() -> int:
     one = start_nodes([settings | {"RUN_ID": "one-gpu", "SCRATCH_DIR": str(out / "scratch-one")}], base, out / "one",
                       gpus=True)[0].wait()  # fmt: skip
     print(f"one GPU: exit {one} in {time.time() - start:.0f} s", flush=True)
-    nodes = node_environments(render("k8s/multi-node", args.rendered), settings | {"RUN_ID": "two-nodes"}, out)
+    docs = render("k8s/multi-node", args.rendered)
+    nodes = node_environments(docs, settings | {"RUN_ID": "two-nodes"}, out)
     start = time.time()
     codes = [process.wait() for process in start_nodes(nodes, base, out / "two", gpus=True)]
     print(f"two nodes: exits {codes} in {time.time() - start:.0f} s", flush=True)
@@ -126,7 +127,7 @@ def main() -> int:
     # A failure on one node (rank 0 reads the dataset) is the same classified exit on both.
     bad = out / "bad.jsonl"
     bad.write_text('{"text": "a"}\n{oops\n')
-    failing = node_environments(render("k8s/multi-node", args.rendered), settings | {"DATASET_URI": str(bad)}, out)
+    failing = node_environments(docs, settings | {"DATASET_URI": str(bad)}, out)
     codes = [process.wait() for process in start_nodes(failing, base, out / "bad", gpus=True)]
     print(f"a bad dataset on two nodes: exits {codes} (65 expected on both)")
     return 0 if codes == [65, 65] else 1
