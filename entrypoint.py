@@ -33,8 +33,8 @@ from job import (
     samples,
     train,
 )
-from job.context import ADAPTER, CHECKPOINTS, CONFIG, FAILURE, MANIFEST, Device, Run
-from job.errors import ConfigInvalid, GpuOutOfMemory, JobError, Preempted, first_line, redact
+from job.context import ADAPTER, CHECKPOINTS, CONFIG, Device, Run
+from job.errors import ConfigInvalid, GpuOutOfMemory, JobError, Preempted, redact
 from job.settings import Settings, read_settings
 from job.storage import Storage, is_hub, is_s3, join
 
@@ -55,13 +55,39 @@ class Inputs:
     files: list[dict]
 
 
+@dataclass(frozen=True)
+class Resume:
+    """The newest committed checkpoint of the run, downloaded: its step and local folder, or None for both."""
+
+    step: int | None
+    folder: Path | None
+
+
+@dataclass(frozen=True)
+class Data:
+    """The data stage's result: the tokenizer with its template, the tokenized rows, what the samples ask, and the
+    batch plan that fits them."""
+
+    tokenizer: object
+    template: str | None  # the template the job chose; None: the tokenizer's own
+    train: object  # datasets.Dataset
+    eval: object | None
+    train_rows: int
+    eval_rows: int
+    lengths: dict  # data.check_lengths
+    sample_inputs: list[dict]
+    quantized: bool  # BASE_MODEL's checkpoint holds 4-bit weights
+    plan: memory.Plan
+
+
 def main() -> int:
     try:
         settings = read_settings()
     except ConfigInvalid as exc:  # reported in the format asked for, when that much could be read
         fmt = os.environ.get("LOG_FORMAT", "auto").strip().lower()
         logs.setup(fmt if fmt in ("json", "text") else "auto")
-        return fail(exc, None, None)
+        known = exc.settings if exc.settings is not None and exc.settings.RUN_ID else None  # where failure.json goes
+        return fail(exc, known and Storage(known), known and join(known.OUTPUT_URI, known.RUN_ID))
     logs.setup(settings.LOG_FORMAT, settings.RANK if settings.WORLD_SIZE > 1 else None)
     models = (settings.BASE_MODEL, settings.BASE_MODEL_16BIT)
     hub_data = is_hub(settings.DATASET_URI) or is_hub(settings.SAMPLE_PROMPTS_URI or "")
@@ -74,7 +100,7 @@ def main() -> int:
     storage = Storage(settings)
     device = Device.detect(settings)
     out = join(settings.OUTPUT_URI, settings.RUN_ID) if settings.RUN_ID else None  # else known once hashed
-    lease = None
+    lease = None  # rank 0's, once taken: every write to the run's folder goes through it
     try:
         distributed.setup(device)
         # The run's identity hashes the dataset's listing (keys, ETags, sizes), not its download.
@@ -86,15 +112,18 @@ def main() -> int:
         if distributed.share(device, lambda: already_complete(storage, run, config)):
             log.info("%s is already complete (manifest.json exists): nothing to do", run.out)
             return 0
-        if device.rank_zero:
-            # Taking the lease is the first write: a missing bucket or a denied write fails here, before any
-            # download, and a second attempt of the run waits or exits 75.
-            lease = runs.Lease(storage, run, settings.LEASE_SECONDS)
-            lease.acquire()
+        # Taking the lease is the first write: a missing bucket or a denied write fails here, before any download,
+        # and a second attempt of the run waits or exits 75.
+        taking = runs.Lease(storage, run.out, settings.LEASE_SECONDS) if device.rank_zero else None
+        distributed.share(device, lambda: taking.acquire())
+        lease = taking
+        if distributed.share(device, lambda: runs.complete(storage, run.out, lease)):  # while this one waited
+            log.info("%s was completed by another attempt while this one waited: nothing to do", run.out)
+            return 0
         return attempt(settings, storage, run, config, lease)
     except Exception as exc:  # every failure leaves failure.json (rank 0's) and a termination message
         busy = isinstance(exc, runs.RunBusy)  # the run is another attempt's: its folder is not ours to write
-        return fail(as_job_error(exc, settings), storage if device.rank_zero and not busy else None, out)
+        return fail(as_job_error(exc, settings), storage if device.rank_zero and not busy else None, out, lease)
     finally:
         if lease is not None:
             lease.release()
@@ -102,113 +131,56 @@ def main() -> int:
 
 def already_complete(storage: Storage, run: Run, config: dict) -> bool:
     runs.check_same_run(storage, run, config)
-    if not storage.exists(run.uri(MANIFEST)):
-        return False
-    # What an attempt killed between its manifest and its clean-up left behind (README: checkpoints).
-    storage.delete_tree(run.uri(CHECKPOINTS))
-    return True
+    return runs.complete(storage, run.out)
 
 
-def attempt(settings: Settings, storage: Storage, run: Run, config: dict, lease) -> int:
-    device = run.device
-    if device.rank_zero:
-        make_stage_dir(settings, run.stage)
+def attempt(settings: Settings, storage: Storage, run: Run, config: dict, lease: runs.Lease | None) -> int:
+    """The run's stages (README: Flow) in this attempt, which holds the run's lease (rank 0)."""
+    device, timings = run.device, {}
     log.info("run %s -> %s (backend %s%s)", run.id, run.out, run.backend, ", dry run" if run.dry_run else "")
-    timings: dict[str, float] = {}
 
     with logs.stage("resume", timings):
-        step, resume = distributed.share(device, lambda: start_attempt(storage, run, config, lease))
-        if resume is not None and device.local_zero and not device.rank_zero:  # another node's scratch
-            checkpoints.restore(storage, run, step)
-        distributed.barrier(device)
-
+        resume = start_attempt(settings, storage, run, config, lease)
     with logs.stage("inputs", timings):
         inputs = distributed.share(device, lambda: read_inputs(settings, storage, run.scratch))
         base = model.fetch_base(settings, storage, device, run.scratch / "base_model")
-
     with logs.stage("data", timings):
-        tokenizer = model.load_tokenizer(settings, base, inputs.examples)
-        template = data.choose_template(tokenizer, settings.CHAT_TEMPLATE, inputs.format)
-        tokenizer.chat_template = template or tokenizer.chat_template
-        train_rows, held_out = data.split(inputs.examples, settings.EVAL_FRACTION, settings.SEED)
-        train_ds = data.tokenize(tokenizer, train_rows, settings.TRAIN_ON_RESPONSES_ONLY)
-        lengths = data.check_lengths(train_ds, settings.MAX_SEQ_LENGTH)
-        eval_ds = data.tokenize(tokenizer, held_out, settings.TRAIN_ON_RESPONSES_ONLY) if held_out else None
-        prompt_rows = inputs.sample_prompts or (held_out or train_rows)[: settings.NUM_SAMPLE_PROMPTS]
-        sample_inputs = data.sample_inputs(tokenizer, prompt_rows)
-        # Before any weight is loaded: a configuration that cannot fit exits 70 here, and an export that could only
-        # merge into 4-bit weights 78.
-        exporting = settings.EXPORT == "merged_16bit"
-        model_config = model.config_of(base, settings) if device.cuda or exporting else None  # read once, if needed
-        quantized = getattr(model_config, "quantization_config", None) is not None  # a pre-quantized checkpoint
-        if exporting and not run.dry_run:
-            export.source_16bit(settings, quantized)
-        row_tokens = settings.MAX_SEQ_LENGTH if settings.PACKING else min(settings.MAX_SEQ_LENGTH, lengths["longest"])
-        plan = memory.plan(settings, device, run.backend, model_config, row_tokens)
-        log.info(
-            "batch: %d sequences per step per GPU as %d x %d, activation checkpointing %s (%s; estimated peak %s "
-            "GiB, %s GiB free)", plan.micro_batch * plan.grad_accum, plan.micro_batch, plan.grad_accum,
-            "on" if plan.checkpointing else "off", plan.reason, plan.estimate_gib, plan.free_gib,
-            extra={"fields": {"plan": plan.fields()}},
-        )  # fmt: skip
-
+        prepared = prepare_data(settings, run, base, inputs)
     with logs.stage("model", timings):
-        lm = model.load(settings, device, base, tokenizer, run.backend, plan.checkpointing)
+        lm = model.load(settings, device, base, prepared.tokenizer, run.backend, prepared.plan.checkpointing)
 
-    uploader = checkpoints.Uploader(storage, run, settings.CHECKPOINT_KEEP) if device.rank_zero else None
+    uploader = checkpoints.Uploader(lease, run, settings.CHECKPOINT_KEEP) if device.rank_zero else None
     with logs.stage("train", timings):
-        metrics = train.train(settings, run, plan, lm, tokenizer, train_ds, eval_ds, resume, uploader, lease)
+        metrics = train.train(settings, run, prepared.plan, lm, prepared.tokenizer, prepared.train, prepared.eval,
+                              resume.folder, uploader, lease)  # fmt: skip
     # Leave the process group together: rank 0 samples and publishes alone, and a rank that left early
     # would abort the others' gloo or NCCL threads.
     distributed.teardown(device)
     if metrics.stopped_early or preemption.requested():
-        return stop_early(run, uploader, lease)
+        return stop_early(run, uploader)
     if not device.rank_zero:
         return 0
 
     with logs.stage("samples", timings):
-        rows = samples.generate(lm, tokenizer, run.stage / ADAPTER, sample_inputs, settings.MAX_NEW_TOKENS, run.backend)
-
-    if exporting:
+        rows = samples.generate(lm, prepared.tokenizer, run.stage / ADAPTER, prepared.sample_inputs,
+                                settings.MAX_NEW_TOKENS, run.backend)  # fmt: skip
+    if settings.EXPORT == "merged_16bit":
         with logs.stage("export", timings):
             if settings.LOAD_IN_4BIT:  # the 16-bit base is loaded next: the training model's memory goes first
                 lm = None
-            export.merge(settings, storage, run, lm, tokenizer, quantized)
-
+            export.merge(settings, storage, run, lm, prepared.tokenizer, prepared.quantized)
     with logs.stage("publish", timings):
         with preemption.deferred():  # the last checkpoints, so that the manifest can say what became of them
             uploader.drain()
         if preemption.requested():  # during samples or the wait: a resume from the final step only publishes
-            return stop_early(run, uploader, lease)
-        lease.check()
-        summary = publish.Summary(
-            run_id=run.id,
-            dry_run=run.dry_run,
-            backend=run.backend,
-            world_size=device.world_size,
-            base_model={"name": settings.BASE_MODEL, "loaded": base.describe()},
-            chat_template=settings.CHAT_TEMPLATE if template is None else data.template_name(template),
-            dataset={
-                "uri": settings.DATASET_URI,
-                "format": inputs.format,
-                "rows": len(inputs.examples),
-                "train_rows": len(train_rows),
-                "eval_rows": len(held_out),
-                "truncated_rows": lengths["truncated"],
-                "rows_without_trained_tokens": lengths["no_trained_tokens"],
-                "files": inputs.files,
-            },
-            samples_seen_in_training=not inputs.sample_prompts and not held_out,
-            metrics=metrics,
-            timings=timings,
-            attempts=runs.attempts(storage, run),
-            checkpoints=checkpoints.committed_steps(storage, run),
-            checkpoint_upload_seconds=uploader.seconds,
-        )
+            return stop_early(run, uploader)
+        summary = summarize(settings, storage, run, inputs, base, prepared, metrics, timings, uploader)
         publish.write_outputs(run.stage, summary, rows, config)
-        publish.publish(storage, run, summary, settings.IMAGE_VERSION)
-    # The adapter is the result; a checkpoint's optimizer state only serves a resume, and storage costs money.
-    storage.delete_tree(run.uri(CHECKPOINTS))
+        publish.publish(lease, run, summary, settings.IMAGE_VERSION)
+    try:  # the adapter is the result; a checkpoint's optimizer state only serves a resume, and storage costs money
+        lease.delete_tree(run.uri(CHECKPOINTS))
+    except JobError as exc:  # the run is complete: its next attempt removes them (runs.complete)
+        log.warning("could not delete %s (%s); a rerun of this RUN_ID removes them", run.uri(CHECKPOINTS), exc)
     log.info(
         "done in %.0f s: loss %s -> %s, eval loss %s, %d steps, %d rows and %d tokens at %s tokens/s; report %s, "
         "adapter %s", time.time() - logs.STARTED, _num(metrics.first_loss), _num(metrics.final_loss),
@@ -222,28 +194,103 @@ def _num(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def start_attempt(storage: Storage, run: Run, config: dict, lease) -> tuple[int | None, Path | None]:
-    """Records the configuration and this attempt in the run's folder and fetches the newest committed
-    checkpoint (rank 0's part of the resume stage); returns its step and local folder, or (None, None)."""
-    storage.put_bytes(json.dumps(config, indent=2).encode() + b"\n", run.uri(CONFIG))
-    step, folder = checkpoints.newest(storage, run)
-    started = datetime.now(UTC).isoformat(timespec="seconds")
-    runs.record_attempt(storage, run, lease.attempt | {"started_at": started, "resumed_from_step": step})
-    if step is None:
-        log.info("no committed checkpoint in %s: training from step 1", run.uri(CHECKPOINTS))
-    else:
-        log.info("resuming from step %d (%s)", step, run.uri(CHECKPOINTS, f"step-{step}"),
-                 extra={"fields": {"resumed_from_step": step}})  # fmt: skip
-    return step, folder
+def start_attempt(settings: Settings, storage: Storage, run: Run, config: dict, lease) -> Resume:
+    """The resume stage: rank 0 makes the stage folder, records the configuration and this attempt in the run's
+    folder and downloads the newest committed checkpoint; every other node's local rank 0 downloads it too."""
+
+    def rank_zero() -> Resume:
+        make_stage_dir(settings, run.stage)
+        lease.put_bytes(json.dumps(config, indent=2).encode() + b"\n", run.uri(CONFIG))
+        step, folder = checkpoints.newest(storage, run)
+        started = datetime.now(UTC).isoformat(timespec="seconds")
+        runs.record_attempt(lease, run, lease.attempt | {"started_at": started, "resumed_from_step": step})
+        if step is None:
+            log.info("no committed checkpoint in %s: training from step 1", run.uri(CHECKPOINTS))
+        else:
+            log.info("resuming from step %d (%s)", step, run.uri(CHECKPOINTS, f"step-{step}"),
+                     extra={"fields": {"resumed_from_step": step}})  # fmt: skip
+        return Resume(step, folder)
+
+    device = run.device
+    resume = distributed.share(device, rank_zero)
+    another_node = resume.step is not None and device.local_zero and not device.rank_zero
+    distributed.together(device, lambda: checkpoints.restore(storage, run, resume.step), here=another_node)
+    return resume
 
 
-def stop_early(run: Run, uploader, lease) -> int:
-    """After SIGTERM (or a lost lease): wait for the checkpoint of the step reached to be committed, then stop."""
+def prepare_data(settings: Settings, run: Run, base: model.Base, inputs: Inputs) -> Data:
+    """The data stage: the tokenizer and its template, the rows split and tokenized, the sample inputs, and the batch
+    plan. It ends before any weight is loaded, so that a configuration that cannot fit exits 70 here, and an export
+    that could only merge into 4-bit weights 78."""
+    tokenizer = model.load_tokenizer(settings, base, inputs.examples)
+    template = data.choose_template(tokenizer, settings.CHAT_TEMPLATE, inputs.format)
+    tokenizer.chat_template = template or tokenizer.chat_template
+    train_rows, held_out = data.split(inputs.examples, settings.EVAL_FRACTION, settings.SEED)
+    train_ds = data.tokenize(tokenizer, train_rows, settings.TRAIN_ON_RESPONSES_ONLY)
+    lengths = data.check_lengths(train_ds, settings.MAX_SEQ_LENGTH)
+    eval_ds = data.tokenize(tokenizer, held_out, settings.TRAIN_ON_RESPONSES_ONLY) if held_out else None
+    prompt_rows = inputs.sample_prompts or (held_out or train_rows)[: settings.NUM_SAMPLE_PROMPTS]
+    exporting = settings.EXPORT == "merged_16bit"
+    model_config = model.config_of(base, settings) if run.device.cuda or exporting else None  # read once, if needed
+    quantized = getattr(model_config, "quantization_config", None) is not None  # a pre-quantized checkpoint
+    if exporting and not run.dry_run:
+        export.source_16bit(settings, quantized)
+    row_tokens = settings.MAX_SEQ_LENGTH if settings.PACKING else min(settings.MAX_SEQ_LENGTH, lengths["longest"])
+    plan = memory.plan(settings, run.device, run.backend, model_config, row_tokens)
+    log.info(
+        "batch: %d sequences per step per GPU as %d x %d, activation checkpointing %s (%s; estimated peak %s "
+        "GiB, %s GiB free)", plan.micro_batch * plan.grad_accum, plan.micro_batch, plan.grad_accum,
+        "on" if plan.checkpointing else "off", plan.reason, plan.estimate_gib, plan.free_gib,
+        extra={"fields": {"plan": plan.fields()}},
+    )  # fmt: skip
+    return Data(tokenizer, template, train_ds, eval_ds, len(train_rows), len(held_out), lengths,
+                data.sample_inputs(tokenizer, prompt_rows), quantized, plan)  # fmt: skip
+
+
+def summarize(
+    settings: Settings,
+    storage: Storage,
+    run: Run,
+    inputs: Inputs,
+    base: model.Base,
+    prepared: Data,
+    metrics,
+    timings: dict,
+    uploader: checkpoints.Uploader,
+) -> publish.Summary:
+    """What the report, metrics.json and the manifest say of this run beside its files."""
+    return publish.Summary(
+        run_id=run.id,
+        dry_run=run.dry_run,
+        backend=run.backend,
+        world_size=run.device.world_size,
+        base_model={"name": settings.BASE_MODEL, "loaded": base.describe()},
+        chat_template=settings.CHAT_TEMPLATE if prepared.template is None else data.template_name(prepared.template),
+        dataset={
+            "uri": settings.DATASET_URI,
+            "format": inputs.format,
+            "rows": len(inputs.examples),
+            "train_rows": prepared.train_rows,
+            "eval_rows": prepared.eval_rows,
+            "truncated_rows": prepared.lengths["truncated"],
+            "rows_without_trained_tokens": prepared.lengths["no_trained_tokens"],
+            "files": inputs.files,
+        },
+        samples_seen_in_training=not inputs.sample_prompts and not prepared.eval_rows,
+        metrics=metrics,
+        timings=timings,
+        attempts=runs.attempts(storage, run),
+        checkpoints=checkpoints.committed_steps(storage, run),
+        checkpoint_upload_seconds=uploader.seconds,
+    )
+
+
+def stop_early(run: Run, uploader) -> int:
+    """After SIGTERM: wait for the checkpoint of the step reached to be committed, then stop."""
     if uploader is None:  # ranks other than 0 leave the commit and the report to rank 0
         raise Preempted("stopped by SIGTERM")
     with preemption.deferred():
         uploader.drain()
-    lease.check()
     step, seconds = max(uploader.committed, default=None), round(preemption.seconds_since_request(), 1)
     where = f"{run.uri(CHECKPOINTS, f'step-{step}')}" if step else "nowhere (checkpoints are off)"
     raise Preempted(
@@ -256,9 +303,9 @@ def stop_early(run: Run, uploader, lease) -> int:
 
 def read_inputs(settings: Settings, storage: Storage, scratch: Path) -> Inputs:
     """The dataset's rows and format, the sample prompts, and the dataset files' identity (rank 0's reads)."""
-    data_files = storage.fetch(settings.DATASET_URI, scratch / "dataset")
+    data_files = storage.locate(settings.DATASET_URI, scratch / "dataset")
     prompts = settings.SAMPLE_PROMPTS_URI
-    prompt_files = storage.fetch(prompts, scratch / "prompts") if prompts else []
+    prompt_files = storage.locate(prompts, scratch / "prompts") if prompts else []
     examples, fmt = data.load_examples(data_files, settings.DATASET_FORMAT)
     return Inputs(
         examples=examples,
@@ -292,8 +339,10 @@ def as_job_error(exc: Exception, settings: Settings) -> Exception:
     return exc
 
 
-def fail(exc: Exception, storage: Storage | None, out: str | None) -> int:
-    """Reports a failure everywhere it is looked for; returns the exit code."""
+def fail(exc: Exception, storage: Storage | None, out: str | None, lease: runs.Lease | None = None) -> int:
+    """Reports a failure everywhere it is looked for: the log, the termination message, torchrun's error file, and
+    failure.json in the run's folder when storage and out are given and this attempt may still write there
+    (runs.write_failure). Returns the exit code."""
     code = exc.exit_code if isinstance(exc, JobError) else 1
     kind = type(exc).__name__
     message = redact(str(exc) if isinstance(exc, JobError) else f"{kind}: {exc}")
@@ -306,11 +355,8 @@ def fail(exc: Exception, storage: Storage | None, out: str | None) -> int:
     if termination_log.is_file():
         termination_log.write_text(f"exit {code} {kind}: {message}"[:4000] + "\n")
     if storage is not None and out is not None:
-        try:
-            with preemption.deferred():  # a second SIGTERM must not cut the record short
-                storage.put_bytes(json.dumps(record, indent=2).encode() + b"\n", join(out, FAILURE))
-        except Exception as write_error:  # the output itself may be what failed
-            log.warning("could not write failure.json: %s", redact(first_line(write_error, 200)))
+        with preemption.deferred():  # a second SIGTERM must not cut the record short
+            runs.write_failure(storage, out, record, lease)
     return code
 
 

@@ -4,7 +4,7 @@ every file with its sha256 is written after them. Only a checkpoint with its mar
 whose files match their marker is resumed from.
 
 Uploads run in a background thread, so training goes on while the files travel; the newest CHECKPOINT_KEEP
-committed checkpoints are kept, older ones deleted once a newer marker has landed.
+committed checkpoints are kept, older ones deleted once a newer marker has landed. Two failed in a row stop training.
 """
 
 import json
@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from job.context import CHECKPOINTS, MARKER, Run
+from job.errors import JobError, TemporaryFailure, first_line
 from job.publish import describe_tree
 from job.storage import Storage, join
 
@@ -37,7 +38,7 @@ def restore(storage: Storage, run: Run, step: int) -> Path | None:
     marker = json.loads(storage.get_bytes(join(uri, MARKER))[0])
     folder = run.checkpoints / f"checkpoint-{step}"
     shutil.rmtree(folder, ignore_errors=True)
-    storage.fetch_tree(uri, folder)
+    storage.copy_tree(uri, folder)
     (folder / MARKER).unlink(missing_ok=True)
     if describe_tree(folder) != marker["files"]:  # the same files, sizes and hashes, in the same order
         log.warning("checkpoint step-%d does not match its marker: not resuming from it", step)
@@ -55,21 +56,38 @@ def newest(storage: Storage, run: Run) -> tuple[int, Path] | tuple[None, None]:
 
 
 class Uploader:
-    """Commits checkpoint folders to the run's checkpoints/ one after another, in a background thread."""
+    """Commits checkpoint folders to the run's checkpoints/ one after another, in a background thread, through the
+    attempt's lease. A checkpoint that fails to commit is tried again with the next one; two failures in a row make
+    `broken` the error, and training stops with it at its next step. Every folder handed over leaves scratch,
+    committed or not."""
 
-    def __init__(self, storage: Storage, run: Run, keep: int):
-        self.storage, self.run, self.keep = storage, run, keep
+    def __init__(self, lease, run: Run, keep: int):
+        self.lease, self.run, self.keep = lease, run, keep
         self.committed: list[int] = []  # steps this attempt committed
         self.seconds: list[float] = []  # upload time per checkpoint
-        self.error: Exception | None = None
+        self.error: Exception | None = None  # the last checkpoint's, until one commits
+        self.failures: list[int] = []  # steps that failed since the last commit
         self._queue: queue.Queue = queue.Queue()
         threading.Thread(target=self._work, name="checkpoint-upload", daemon=True).start()
 
     def submit(self, folder: Path, step: int) -> None:
         self._queue.put((folder, step))
 
+    @property
+    def broken(self) -> Exception | None:
+        """After two checkpoints in a row failed to commit: the error to stop training with (75 for storage)."""
+        if len(self.failures) < 2:
+            return None
+        if not isinstance(self.error, JobError) or self.error.exit_code != 75:
+            return self.error
+        return TemporaryFailure(
+            f"checkpoints step-{self.failures[0]} and step-{self.failures[1]} could not be committed to "
+            f"{self.run.uri(CHECKPOINTS)} ({first_line(self.error)}): training stopped rather than go on unsaved; "
+            "the next attempt resumes from the last committed checkpoint"
+        )
+
     def drain(self) -> None:
-        """Waits for every submitted checkpoint; raises the first upload error (75, 77, ...)."""
+        """Waits for every submitted checkpoint; raises the last one's upload error (75, 77, ...)."""
         self._queue.join()
         if self.error is not None:
             raise self.error
@@ -78,26 +96,29 @@ class Uploader:
         while True:
             folder, step = self._queue.get()
             try:
-                if self.error is None:
-                    self._commit(folder, step)
-            except Exception as exc:  # raised in the main thread by drain()
+                self._commit(folder, step)
+                self.error, self.failures = None, []
+            except Exception as exc:  # raised in the main thread by drain(), or by training through broken
                 self.error = exc
+                self.failures.append(step)
+                log.warning("checkpoint step-%d was not committed (%s): %s", step, first_line(exc, 200),
+                            "training stops" if self.broken else "the next checkpoint tries again")  # fmt: skip
             finally:
+                shutil.rmtree(folder, ignore_errors=True)
                 self._queue.task_done()
 
     def _commit(self, folder: Path, step: int) -> None:
-        start, uri = time.perf_counter(), self.run.uri(CHECKPOINTS, f"step-{step}")
+        start, uri, lease = time.perf_counter(), self.run.uri(CHECKPOINTS, f"step-{step}"), self.lease
         files = describe_tree(folder)
-        self.storage.delete(join(uri, MARKER))  # a step committed before (by an attempt that went on): recommit
-        self.storage.delete_tree(uri)  # and whatever an interrupted upload of this step left
-        self.storage.put_tree(folder, uri)
-        self.storage.put_bytes(json.dumps({"step": step, "files": files}, indent=1).encode(), join(uri, MARKER))
+        lease.delete(join(uri, MARKER))  # a step committed before (by an attempt that went on): recommit
+        lease.delete_tree(uri)  # and whatever an interrupted upload of this step left
+        lease.put_tree(folder, uri)
+        lease.put_bytes(json.dumps({"step": step, "files": files}, indent=1).encode(), join(uri, MARKER))
         self.committed.append(step)
         self.seconds.append(round(time.perf_counter() - start, 3))
         log.info("checkpoint step-%d committed to %s in %.1f s", step, uri, self.seconds[-1],
                  extra={"fields": {"checkpoint_step": step, "upload_seconds": self.seconds[-1]}})  # fmt: skip
-        shutil.rmtree(folder, ignore_errors=True)
-        for old in committed_steps(self.storage, self.run)[: -self.keep]:
+        for old in committed_steps(lease.storage, self.run)[: -self.keep]:
             old_uri = self.run.uri(CHECKPOINTS, f"step-{old}")
-            self.storage.delete(join(old_uri, MARKER))  # uncommitted first: no attempt resumes a half-deleted one
-            self.storage.delete_tree(old_uri)
+            lease.delete(join(old_uri, MARKER))  # uncommitted first: no attempt resumes a half-deleted one
+            lease.delete_tree(old_uri)

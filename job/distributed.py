@@ -2,6 +2,7 @@
 shares what it read (or the error it met) with the other ranks, so that they all exit alike."""
 
 import logging
+from pathlib import Path
 
 from job.context import Device
 
@@ -41,27 +42,55 @@ def share(device: Device, produce):
     return result
 
 
-def any_rank(device: Device, flag: bool) -> bool:
-    """True on every rank when flag is true on any: ranks must stop at the same step, or DDP hangs."""
+def together(device: Device, produce, here: bool) -> None:
+    """produce() on the ranks where `here` holds (one per node: local rank 0), then every rank waits for them and
+    raises the first failing rank's exception, so that none is left waiting in a collective."""
+    error = None
+    if here:
+        try:
+            produce()
+        except Exception as exc:  # re-raised on every rank below
+            error = exc
+    if device.world_size > 1:
+        import torch.distributed as dist
+
+        errors = [None] * device.world_size
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e is not None), None)
+    if error is not None:
+        raise error
+
+
+def gather_files(device: Device, paths: list[Path]) -> dict[str, bytes]:
+    """On rank 0, every rank's files of these paths (small ones: RNG states) by name; {} on the others. Nodes
+    write a checkpoint to their own disks, and rank 0 uploads it."""
     if device.world_size == 1:
-        return flag
-    import torch
+        return {}
     import torch.distributed as dist
 
-    value = torch.tensor([int(flag)], device=f"cuda:{device.local_rank}" if device.cuda else "cpu")
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    every = [None] * device.world_size
+    dist.all_gather_object(every, {path.name: path.read_bytes() for path in paths})
+    return {name: content for files in every for name, content in files.items()} if device.rank_zero else {}
+
+
+def most(device: Device, value: int) -> int:
+    """The largest of every rank's value: ranks must stop at the same step, or DDP hangs."""
+    return _reduce(device, value, "MAX")
 
 
 def least(device: Device, value: int) -> int:
     """The smallest of every rank's value: ranks must train with one plan, or DDP hangs."""
+    return _reduce(device, value, "MIN")
+
+
+def _reduce(device: Device, value: int, op: str) -> int:
     if device.world_size == 1:
         return value
     import torch
     import torch.distributed as dist
 
     tensor = torch.tensor([value], dtype=torch.int64, device=f"cuda:{device.local_rank}" if device.cuda else "cpu")
-    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op))
     return int(tensor.item())
 
 

@@ -49,6 +49,7 @@ class AccessDenied(JobError):
 
 class ConfigInvalid(JobError):
     exit_code = 78
+    settings = None  # read_settings: what could still be read, enough to find OUTPUT_URI/RUN_ID for failure.json
 
 
 class Preempted(JobError):

@@ -53,7 +53,7 @@ def merge(settings, storage: Storage, run: Run, trained, tokenizer, quantized: b
             torch.cuda.empty_cache()
         source = source_16bit(settings, quantized)
         if is_s3(source):
-            storage.fetch(source, run.scratch / "base_16bit")
+            storage.locate(source, run.scratch / "base_16bit")
             source = str(run.scratch / "base_16bit")
         log.info("merging the adapter into the 16-bit weights of %s", source)
         cuda = run.device.cuda

@@ -11,8 +11,9 @@ from pathlib import Path
 
 from job import distributed
 from job.context import Device
-from job.errors import AccessDenied, ConfigInvalid, InputNotFound, first_line
+from job.errors import ConfigInvalid, InputNotFound, first_line
 from job.storage import Storage, hub_token, is_s3
+from job.storage.hub import classify_hub_error
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +89,9 @@ def fetch_base(settings, storage: Storage, device: Device, dest: Path) -> Base:
 
 
 def download(device: Device, storage: Storage, uri: str, dest: Path, keep) -> None:
-    """The model's files into dest, once per node: local rank 0 downloads while the other ranks wait."""
-    if device.local_zero:
-        storage.fetch(uri, dest, keep=keep)
-    distributed.barrier(device)
+    """The model's files into dest, once per node: local rank 0 downloads while the other ranks wait (and raise
+    its error with it)."""
+    distributed.together(device, lambda: storage.locate(uri, dest, keep=keep), here=device.local_zero)
 
 
 def _config(source: str, settings):
@@ -100,7 +100,7 @@ def _config(source: str, settings):
     try:
         return AutoConfig.from_pretrained(source, token=hub_token(settings))
     except Exception as exc:  # offline, gated, missing: a dry run carries on without it, a GPU run without a plan
-        log.info("no configuration from %s (%s)", source, first_line(exc, 200))
+        log.info("no configuration from %s (%s)", source, hub_error(exc, settings, "configuration"))
         return None
 
 
@@ -119,14 +119,14 @@ def parameter_count(config) -> int:
         return sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
 
 
-def hub_error(exc: Exception, what: str) -> Exception:
-    """The job's error for a failed from_pretrained of BASE_MODEL."""
-    text = first_line(exc)
-    status = getattr(getattr(exc, "response", None), "status_code", None)
-    if status in (401, 403) or type(exc).__name__ == "GatedRepoError":
-        return AccessDenied(f"BASE_MODEL: the Hub refused the {what} ({text}): set HF_TOKEN to a token with access")
-    return InputNotFound(
-        f"BASE_MODEL: cannot load the {what} ({text}): check the id, or point BASE_MODEL at a local or s3:// copy"
+def hub_error(exc: Exception, settings, what: str) -> Exception:
+    """The job's error for a failed from_pretrained of BASE_MODEL's what: the Hub's failures as for hf:// datasets
+    (an outage 75, no such model 66, denied or gated 77, HF_HUB_OFFLINE=1 78); anything else, such as a folder
+    without the model's files, not found."""
+    where = f"BASE_MODEL={settings.BASE_MODEL}"
+    return classify_hub_error(exc, where, "model") or InputNotFound(
+        f"{where}: cannot load the {what} ({first_line(exc)}): check the id, or point BASE_MODEL at a local or s3:// "
+        "copy"
     )
 
 
@@ -139,7 +139,7 @@ def load_tokenizer(settings, base: Base, examples: list[dict]):
             tokenizer = AutoTokenizer.from_pretrained(base.source, token=hub_token(settings))
         except Exception as exc:
             if not settings.DRY_RUN:
-                raise hub_error(exc, "tokenizer") from None
+                raise hub_error(exc, settings, "tokenizer") from None
             log.info("dry run: no tokenizer from %s; training one on the data", base.source)
     tokenizer = tokenizer or train_tokenizer(examples)
     if tokenizer.pad_token is None:
@@ -210,7 +210,7 @@ def load_unsloth(settings, device: Device, base: Base, checkpointing: bool):
             device_map={"": device.local_rank},  # one GPU per rank under torchrun
         )
     except (OSError, ValueError) as exc:
-        raise hub_error(exc, "model") from None
+        raise hub_error(exc, settings, "model") from None
     check_targets(model, settings.LORA_TARGET_MODULES)
     return FastLanguageModel.get_peft_model(
         model,
@@ -243,7 +243,7 @@ def load_hf(settings, device: Device, base: Base, tokenizer):
         try:
             model = AutoModelForCausalLM.from_pretrained(base.source, **kwargs)
         except (OSError, ValueError) as exc:
-            raise hub_error(exc, "model") from None
+            raise hub_error(exc, settings, "model") from None
     # No peft.prepare_model_for_kbit_training: it upcasts the embeddings, LM head and norms to fp32. On
     # Llama-3-8B the hf backend peaked at 22.2 GiB with it and 9.4 without, and now follows unsloth's loss step
     # for step (docs/benchmarks.md). get_peft_model freezes the base; the trainer checkpoints activations

@@ -2,7 +2,6 @@
 complete exactly when its manifest exists."""
 
 import json
-import logging
 import platform
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -11,10 +10,8 @@ from pathlib import Path
 
 from job import __version__, report
 from job.context import ADAPTER, ATTEMPTS, CONFIG, FAILURE, MANIFEST, TRAIN_LOG, Run
-from job.storage import Storage, files_under, sha256_of
+from job.storage import files_under, sha256_of
 from job.train import Metrics
-
-log = logging.getLogger(__name__)
 
 LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "unsloth", "boto3")
 
@@ -127,12 +124,11 @@ def _version(name: str) -> str | None:
         return None
 
 
-def publish(storage: Storage, run: Run, summary: Summary, image_version: str | None) -> bool:
-    """Uploads every file, then manifest.json if none exists yet; False when another run got there first."""
-    storage.put_tree(run.stage, run.out)
-    storage.delete(run.uri(FAILURE))  # left by an earlier attempt of this run that failed
+def publish(lease, run: Run, summary: Summary, image_version: str | None) -> None:
+    """Uploads every file through the attempt's lease, then manifest.json, which nothing else may have written: the
+    lease keeps every other attempt of the run from writing."""
+    lease.put_tree(run.stage, run.out)
+    lease.delete(run.uri(FAILURE))  # left by an earlier attempt of this run that failed
     body = json.dumps(manifest(run.stage, summary, image_version), indent=2).encode() + b"\n"
-    written = storage.put_bytes(body, run.uri(MANIFEST), if_absent=True)
-    if not written:
-        log.warning("%s already has a manifest.json: another attempt completed this run first", run.out)
-    return written
+    if not lease.put_bytes(body, run.uri(MANIFEST), if_absent=True):
+        raise RuntimeError(f"{run.uri(MANIFEST)} was written by another attempt while this one held the run's lease")

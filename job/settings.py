@@ -180,8 +180,10 @@ class Settings(BaseSettings):
     """Run every stage on CPU with a tiny model for DRY_RUN_STEPS steps."""
     DRY_RUN_STEPS: int = Field(default=3, ge=1)
     """Training steps in a dry run."""
-    LEASE_SECONDS: int = Field(default=60, ge=2)
-    """One attempt trains a run at a time, renewing its hold every LEASE_SECONDS/4; one left that long is taken over."""
+    LEASE_SECONDS: int = Field(default=60, ge=2, le=300)
+    """One attempt writes a run at a time: it renews its hold every LEASE_SECONDS/4 and stops (75) when it could not
+    for LEASE_SECONDS/2; a hold left LEASE_SECONDS is taken over. At most 300: other ranks wait for the lease in a
+    collective, which NCCL gives up after 600 s."""
     REPORT_TO: Annotated[list[Literal["none", "tensorboard", "wandb", "mlflow"]], NoDecode] = ["none"]
     """Comma list. tensorboard: event files published in OUTPUT_URI/RUN_ID/tensorboard/; wandb, mlflow: their runs,
     named RUN_ID, configured by their own variables (WANDB_*, MLFLOW_*)."""
@@ -399,6 +401,7 @@ def read_settings() -> Settings:
     for name in empty:
         fix = "unset it for the default, or name a model" if name == "BASE_MODEL" else FIXES[name]
         problems.append(f"{name} is set but empty: {fix}")
+    settings, failed = None, set(empty)
     try:
         settings = Settings()
         if settings.SWEEP_FILE:
@@ -407,9 +410,25 @@ def read_settings() -> Settings:
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
         problems += [_describe(e) for e in errors if not (e["type"] == "missing" and e["loc"][0] in empty)]
+        failed |= {e["loc"][0] for e in errors if e["loc"]}
+        settings = None
     if problems:
-        raise ConfigInvalid("; ".join(problems))
+        error = ConfigInvalid("; ".join(problems))
+        error.settings = settings or _salvage(failed)
+        raise error
     return settings
+
+
+def _salvage(failed: set[str]) -> Settings | None:
+    """The settings with every variable that failed at its default (a required one at a placeholder), so that
+    failure.json reaches OUTPUT_URI/RUN_ID/; None when one of those two failed, or this fails too."""
+    if failed & {"OUTPUT_URI", "RUN_ID"}:
+        return None
+    fields = Settings.model_fields
+    try:
+        return Settings(**{name: "-" if fields[name].is_required() else fields[name].default for name in failed})
+    except ValidationError:
+        return None
 
 
 def sweep_point(path: str, index: int | None) -> dict:

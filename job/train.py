@@ -91,7 +91,7 @@ def train(
 ) -> Metrics:
     """Trains (from the checkpoint `resume` when given), committing checkpoints through uploader (rank 0);
     saves the adapter and tokenizer to the stage's adapter/ and writes its train_log.jsonl. Stops early,
-    with a checkpoint, on SIGTERM or when the lease is lost (Metrics.stopped_early)."""
+    with a checkpoint, on SIGTERM (Metrics.stopped_early); raises 75 when the lease is lost (lifecycle)."""
     import torch
     from transformers import PrinterCallback, ProgressCallback
     from trl import SFTTrainer
@@ -217,26 +217,44 @@ def wandb_login() -> None:
 
 
 def lifecycle(run: Run, uploader, lease, step_log, board=None):
-    """A TrainerCallback that stops at a step boundary when SIGTERM arrived or the lease was lost (every rank
-    at the same step, with a checkpoint), hands each saved checkpoint with the step log (and TensorBoard events)
-    so far to the uploader (rank 0), and times how long each save held training up."""
+    """A TrainerCallback that stops every rank at the same step boundary: with a checkpoint when SIGTERM arrived,
+    with 75 when this attempt no longer holds the run (its lease) or two checkpoints in a row failed to commit. It
+    hands each saved checkpoint with the step log (and TensorBoard events) so far to the uploader (rank 0), with
+    every rank's RNG state (other nodes write theirs to their own disk), and times how long each save held
+    training up."""
     from transformers import TrainerCallback
 
     class Lifecycle(TrainerCallback):
         def __init__(self):
             self.stopped, self.stalls, self.save_started = False, [], None
 
+        def fault(self) -> Exception | None:
+            refusal = lease.refusal() if lease is not None else None
+            return refusal or (uploader.broken if uploader is not None else None)
+
         def on_step_end(self, args, state, control, **kwargs):
-            stop = preemption.requested() or (lease is not None and lease.lost.is_set())
-            if distributed.any_rank(run.device, stop):
+            fault = self.fault()
+            # 2: stop with an error, 1: stop with a checkpoint; every rank takes the highest.
+            stop = distributed.most(run.device, 2 if fault else 1 if preemption.requested() else 0)
+            if stop == 2:  # the checkpoints on scratch, committed or waiting, serve no one now
+                if run.device.local_zero:
+                    shutil.rmtree(run.checkpoints, ignore_errors=True)
+                raise fault or TemporaryFailure(f"rank 0 stopped training at step {state.global_step}")
+            if stop == 1:
                 control.should_save = control.should_training_stop = self.stopped = True
             self.save_started = time.perf_counter() if control.should_save else None
 
         def on_save(self, args, state, control, **kwargs):
             if self.save_started is not None:
                 self.stalls.append(round(time.perf_counter() - self.save_started, 3))
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            states = distributed.gather_files(run.device, sorted(folder.glob("rng_state*.pth")))
+            if run.device.local_zero and not run.device.rank_zero:  # rank 0 uploads its copy, with this node's RNG
+                shutil.rmtree(folder, ignore_errors=True)
             if run.device.rank_zero and uploader is not None:
-                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                for name, content in states.items():
+                    if not (folder / name).is_file():
+                        (folder / name).write_bytes(content)
                 shutil.copyfile(step_log.path, folder / TRAIN_LOG)
                 if board is not None and board.tb_writer is not None:  # the events so far, for the next attempt
                     board.tb_writer.flush()

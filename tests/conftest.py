@@ -208,11 +208,16 @@ class FaultyProxy(Loopback):
       store, as S3 does nothing for a request it throttles, so a retry never meets its own earlier write.
     - "lost": the request is forwarded and the store acts on it, then the connection is reset: a write that
       landed whose answer never came (a retried conditional write then fails its own condition).
+    - "blackhole": the request is read, then neither forwarded nor answered; its connection is held open until
+      the proxy shuts down, as behind a network partition.
 
-    Also: max_faults caps the faults (None: no cap); faulted counts them by kind; requests lists every request
-    as "METHOD /path?query"; refuse_conditional answers conditional writes (If-Match, If-None-Match) with
-    501 NotImplemented, as stores without them do. Request bodies are read whole (by Content-Length, or HTTP
-    chunked; aws-chunked content passes as it is) and forwarded with a Content-Length."""
+    fail_first = N (instead of fault_rate) fails the first N attempts of every request, each in a way drawn from
+    faults: botocore numbers a request's tries in its amz-sdk-request header ("attempt=K; max=M"); a request
+    without one passes. Also: only (a substring of the path) limits the faults to the requests whose path has it;
+    max_faults caps the faults (None: no cap); faulted counts them by kind; requests lists
+    every request as "METHOD /path?query"; refuse_conditional answers conditional writes (If-Match,
+    If-None-Match) with 501 NotImplemented, as stores without them do. Request bodies are read whole (by
+    Content-Length, or HTTP chunked; aws-chunked content passes as it is) and forwarded with a Content-Length."""
 
     ERRORS = {
         "503": (503, "SlowDown", "Please reduce your request rate."),
@@ -223,18 +228,28 @@ class FaultyProxy(Loopback):
     def __init__(self, upstream: str, seed: int = 0):
         self.upstream = upstream.removeprefix("http://")
         self.fault_rate, self.faults, self.max_faults, self.faulted = 0.0, ("503", "500", "reset"), None, Counter()
-        self.refuse_conditional, self.requests = False, []
-        self._random, self._lock = random.Random(seed), threading.Lock()
+        self.fail_first, self.only, self.refuse_conditional, self.requests = 0, "", False, []
+        self._random, self._lock, self.released = random.Random(seed), threading.Lock(), threading.Event()
         super().__init__(_ProxyHandler)
 
-    def fault(self, headers) -> str | None:
+    def __exit__(self, *exc):
+        self.released.set()  # black-holed requests end with the proxy
+        super().__exit__(*exc)
+
+    def fault(self, path: str, headers) -> str | None:
         """How this request fails, or None to forward it."""
         if self.refuse_conditional and ("If-Match" in headers or "If-None-Match" in headers):
             return "501"
+        if self.only not in path:
+            return None
+        attempt = re.search(r"attempt=(\d+)", headers.get("amz-sdk-request", ""))
         with self._lock:
             if self.max_faults is not None and self.faulted.total() >= self.max_faults:
                 return None
-            if self._random.random() >= self.fault_rate:
+            if self.fail_first:
+                if not attempt or int(attempt[1]) > self.fail_first:
+                    return None
+            elif self._random.random() >= self.fault_rate:
                 return None
             kind = self._random.choice(self.faults)
             self.faulted[kind] += 1
@@ -251,10 +266,13 @@ class _ProxyHandler(BaseHTTPRequestHandler):
     def forward(self):
         proxy: FaultyProxy = self.server.owner
         proxy.requests.append(f"{self.command} {self.path}")
-        fault = proxy.fault(self.headers)
+        fault = proxy.fault(self.path, self.headers)
         if fault == "reset":
             return self.reset()
         body = self.read_body()
+        if fault == "blackhole":
+            proxy.released.wait()
+            return self.reset()
         if fault in FaultyProxy.ERRORS:
             status, code, message = FaultyProxy.ERRORS[fault]
             xml = f"<?xml version='1.0' encoding='UTF-8'?>\n<Error><Code>{code}</Code><Message>{message}</Message>"

@@ -15,8 +15,8 @@ import pytest
 
 from job.errors import ConfigInvalid
 from job.settings import Settings, read_settings
-from job.storage import hub_select as select
 from job.storage import is_data_file
+from job.storage.hub import hub_select as select
 from tests.conftest import DEMO_DATA, Loopback, error_line, free_port, jsonl
 
 ROWS = [json.loads(line) for line in DEMO_DATA.read_text().splitlines()][:24]
@@ -258,6 +258,53 @@ def test_an_unreachable_hub_is_a_temporary_failure_at_once(run_hub_job, tmp_path
     message = error_line(result)
     assert message.startswith("DATASET_URI=hf://datasets/acme/data: the Hub is unreachable (")
     assert "check the network and HF_ENDPOINT" in message
+
+
+class StatusHub(Loopback):
+    """A Hub stand-in that answers every request with one status, as the Hub does for a model it will not serve:
+    401 and 404 with X-Error-Code RepoNotFound; 503 with Retry-After: 0, so that huggingface_hub's five retries of each
+    file come 1 s apart (its own backoff waits 1, 2, 4, 8 and 8 s)."""
+
+    def __init__(self, status: int):
+        self.status = status
+        super().__init__(_StatusHandler)
+
+
+class _StatusHandler(_HubHandler):
+    def do_GET(self):
+        status = self.server.owner.status
+        self.answer(status, {"Retry-After": "0"} if status == 503 else {"X-Error-Code": "RepoNotFound"})
+
+    do_HEAD = do_GET
+
+
+@pytest.mark.parametrize(
+    ("hub_answers", "code", "texts"),
+    # Nothing listening takes ~50 s: huggingface_hub retries each of two files 5 times, 1 to 8 s apart, unbounded by
+    # any setting; the job keeps those retries, which ride out a short outage of the real Hub.
+    [("nothing", 75, ["the Hub is unreachable (", "check the network and HF_ENDPOINT, or try again later"]),
+     (503, 75, ["the Hub is unreachable (HTTP 503)", "try again later"]),
+     (404, 66, ["not found on the Hub (404)", "check OWNER/NAME"]),
+     (401, 77, ["the Hub refused access (401)", "the model is private", "set HF_TOKEN"]),
+     ("offline", 78, ["HF_HUB_OFFLINE=1 keeps the job off the Hub", "unset it, or copy the model to s3://"])],
+)  # fmt: skip
+def test_base_model_hub_failures_exit_with_the_codes_of_datasets(run_hub_job, tmp_path, hub_answers, code, texts):
+    """BASE_MODEL=acme/model trained for real on CPU (a dry run carries on without the Hub): a closed port or a 503 is
+    an outage (75, which Kubernetes retries), 404 no such model (66), 401 denied (77); HF_HUB_OFFLINE=1 with the model
+    not in the cache a configuration error (78)."""
+    dataset = tmp_path / "d.jsonl"
+    dataset.write_text(jsonl(ROWS))
+    env = {"BASE_MODEL": "acme/model", "DATASET_URI": str(dataset), "DRY_RUN": "false", "TRAIN_BACKEND": "hf",
+           "LOAD_IN_4BIT": "false", "OPTIMIZER": "adamw_torch", "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}",
+           "HF_HUB_OFFLINE": "1" if hub_answers == "offline" else None}  # fmt: skip
+    if isinstance(hub_answers, int):
+        with StatusHub(hub_answers) as hub:
+            result = run_hub_job(env | {"HF_ENDPOINT": hub.endpoint})
+    else:
+        result = run_hub_job(env)
+    assert result.returncode == code, result.stderr[-3000:]
+    message = error_line(result)
+    assert message.startswith("BASE_MODEL=acme/model: ") and all(text in message for text in texts), message
 
 
 @pytest.fixture

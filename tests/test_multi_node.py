@@ -3,6 +3,8 @@ command and environment (NODE_RANK from its completion index; pod 0's rendezvous
 a scratch folder of its own, on CPU (gloo, one rank per node), against the S3 server."""
 
 import json
+import signal
+import time
 
 import pytest
 
@@ -19,7 +21,8 @@ def nodes(tmp_path, s3_endpoint, s3, bucket, tiny_model_dir):
         put(s3, bucket, f"models/tiny/{path.name}", path.read_bytes())
     docs = render("k8s/multi-node")
 
-    def run(settings: dict) -> list[tuple[int, list[dict]]]:
+    def run(settings: dict, stop_at: int | None = None) -> list[tuple[int, list[dict]]]:
+        """stop_at: SIGTERM to both nodes once node 0 logs that step."""
         # NPROC_PER_NODE: the manifest's `gpu` (one rank per GPU) needs GPUs; here one rank per node.
         settings = {"BASE_MODEL": f"s3://{bucket}/models/tiny/", "OUTPUT_URI": f"s3://{bucket}/runs",
                     "NPROC_PER_NODE": "1", "TRAIN_BACKEND": "hf", "LOAD_IN_4BIT": "false", "OPTIMIZER": "adamw_torch",
@@ -28,6 +31,11 @@ def nodes(tmp_path, s3_endpoint, s3, bucket, tiny_model_dir):
                     **settings}  # fmt: skip
         processes = start_nodes(node_environments(docs, settings, tmp_path), job_environment(tmp_path, s3_endpoint, {}),
                                 tmp_path / "logs", gpus=False)  # fmt: skip
+        log_0, deadline = tmp_path / "logs" / "node-0.log", time.monotonic() + 300
+        while stop_at and time.monotonic() < deadline and f'"step {stop_at}/' not in log_0.read_text():
+            time.sleep(0.1)
+        for process in processes if stop_at else []:
+            process.send_signal(signal.SIGTERM)
         codes = [process.wait(timeout=600) for process in processes]
         logs = [(tmp_path / "logs" / f"node-{i}.log").read_text().splitlines() for i in range(len(processes))]
         return [(code, [json.loads(line) for line in log if line.startswith("{")]) for code, log in zip(codes, logs)]
@@ -55,3 +63,16 @@ def test_both_nodes_train_each_fetches_the_model_and_rank_0_alone_publishes(node
 def test_a_dataset_error_exits_65_on_both_nodes(nodes, s3, bucket):
     results = nodes({"DATASET_URI": put(s3, bucket, "bad.jsonl", '{"text": "a"}\n{oops\n')})
     assert [code for code, _ in results] == [65, 65], [log[-2:] for _, log in results]
+
+
+def test_a_checkpoint_holds_every_nodes_rng_state(nodes, s3, bucket, tmp_path):
+    """Each node writes its ranks' RNG state into the checkpoint on its own disk; rank 0 uploads node 0's folder,
+    which must carry node 1's state too, or node 1 resumes with a fresh one. Node 1's copy leaves its disk."""
+    results = nodes({"DATASET_URI": put(s3, bucket, "d.jsonl", jsonl(ROWS)), "RUN_ID": "rng", "MAX_STEPS": "200",
+                     "CHECKPOINT_EVERY_STEPS": "50"}, stop_at=2)  # fmt: skip
+    assert [code for code, _ in results] == [143, 143], [log[-2:] for _, log in results]
+    objects = read_objects(s3, bucket, "runs/rng/checkpoints/")
+    steps = {key.split("/")[3] for key in objects}
+    assert len(steps) == 1, steps
+    assert {key.rsplit("/", 1)[1] for key in objects if "/rng_state" in key} == {"rng_state_0.pth", "rng_state_1.pth"}
+    assert not list((tmp_path / "node-1").rglob("checkpoint-*")), "node 1 keeps no checkpoint on its disk"

@@ -6,18 +6,19 @@ import logging
 import os
 import socket
 import threading
+import time
 
 import boto3
 import pytest
 from botocore.config import Config
+from botocore.exceptions import ReadTimeoutError
 from tqdm import tqdm
 
 from job import logs
-from job import storage as storage_module
 from job.errors import AccessDenied, DatasetInvalid, InputNotFound, TemporaryFailure
 from job.settings import Settings
 from job.storage import Storage, safe_target
-from tests.conftest import CREDENTIALS, _boto_credentials, free_port, put, read_objects, start_moto
+from tests.conftest import CREDENTIALS, FaultyProxy, _boto_credentials, free_port, put, read_objects, start_moto
 
 
 def storage_for(endpoint: str, **extra) -> Storage:
@@ -32,7 +33,7 @@ def storage(s3_endpoint, monkeypatch):
 
 def test_an_object_downloads_into_scratch(storage, s3, bucket, tmp_path):
     uri = put(s3, bucket, "data/train.jsonl", '{"text": "a"}\n')
-    [(source, path)] = storage.fetch(uri, tmp_path)
+    [(source, path)] = storage.locate(uri, tmp_path)
     assert source == uri and path.parent == tmp_path and path.read_text() == '{"text": "a"}\n'
 
 
@@ -40,7 +41,7 @@ def test_a_prefix_means_every_data_file_in_key_order(storage, s3, bucket, tmp_pa
     for key in ("d/2.jsonl", "d/1.csv", "d/README.md", "d/_SUCCESS", "d/sub/3.parquet", "d/sub/", "other/x.jsonl"):
         put(s3, bucket, key, "x")
     for uri in (f"s3://{bucket}/d/", f"s3://{bucket}/d"):
-        fetched = storage.fetch(uri, tmp_path / "dl")
+        fetched = storage.locate(uri, tmp_path / "dl")
         assert [s for s, _ in fetched] == [f"s3://{bucket}/d/{k}" for k in ("1.csv", "2.jsonl", "sub/3.parquet")]
         assert all(p.is_relative_to(tmp_path / "dl") for _, p in fetched)
 
@@ -49,7 +50,7 @@ def test_object_keys_cannot_escape_scratch(storage, s3, bucket, tmp_path):
     put(s3, bucket, "d/ok.jsonl", "x")
     put(s3, bucket, "d/../../../escape.jsonl", "x")
     with pytest.raises(DatasetInvalid, match="outside the scratch directory"):
-        storage.fetch(f"s3://{bucket}/d/", tmp_path / "scratch")
+        storage.locate(f"s3://{bucket}/d/", tmp_path / "scratch")
     assert not list(tmp_path.rglob("*.jsonl")), "nothing is written when one key is unsafe"
     for key in ("../x", "/etc/passwd", "a/../../b", ""):
         with pytest.raises(DatasetInvalid):
@@ -62,23 +63,23 @@ def test_object_keys_cannot_escape_scratch(storage, s3, bucket, tmp_path):
 )
 def test_missing_inputs_are_not_found(storage, bucket, tmp_path, path):
     with pytest.raises(InputNotFound, match="check"):
-        storage.fetch(path.format(bucket=bucket), tmp_path)
+        storage.locate(path.format(bucket=bucket), tmp_path)
 
 
 def test_missing_local_inputs_are_not_found(storage, tmp_path, monkeypatch):
     with pytest.raises(InputNotFound, match="no such file") as error:
-        storage.fetch(str(tmp_path / "nope.jsonl"), tmp_path)
+        storage.locate(str(tmp_path / "nope.jsonl"), tmp_path)
     assert "hf://" not in str(error.value)
     monkeypatch.chdir(tmp_path)  # a Hub id where a path is expected: the Hub address is named
     with pytest.raises(InputNotFound) as error:
-        storage.fetch("tatsu-lab/alpaca", tmp_path)
+        storage.locate("tatsu-lab/alpaca", tmp_path)
     assert str(error.value).endswith("check the path, or for the Hub dataset give hf://datasets/tatsu-lab/alpaca")
     with pytest.raises(InputNotFound) as error:
-        storage.fetch("data/train.jsonl", tmp_path)
+        storage.locate("data/train.jsonl", tmp_path)
     assert "hf://" not in str(error.value)
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(InputNotFound, match="no data files"):
-        storage.fetch(str(tmp_path), tmp_path)
+        storage.locate(str(tmp_path), tmp_path)
 
 
 def test_put_if_absent_never_overwrites(storage, s3, bucket, tmp_path):
@@ -114,7 +115,7 @@ def test_unknown_credentials_are_denied(monkeypatch, tmp_path):
         s3.put_object(Bucket="locked", Key="d.jsonl", Body=b"{}")
         storage = storage_for(endpoint)
         with pytest.raises(AccessDenied, match="access denied"):
-            storage.fetch("s3://locked/d.jsonl", tmp_path)
+            storage.locate("s3://locked/d.jsonl", tmp_path)
         with pytest.raises(AccessDenied, match="access denied"):
             storage.put_bytes(b"x", "s3://locked/out.json")
         (tmp_path / "tree").mkdir()
@@ -151,9 +152,14 @@ def test_unreachable_storage_is_temporary(monkeypatch, tmp_path):
     try:
         for url in (f"http://127.0.0.1:{free_port()}", endpoint):  # nothing listening; a connection dropped
             with pytest.raises(TemporaryFailure, match="unreachable after retries.*AWS_ENDPOINT_URL_S3"):
-                storage_for(url).fetch("s3://b/d.jsonl", tmp_path)
+                storage_for(url).locate("s3://b/d.jsonl", tmp_path)
     finally:
         stop.set()
+
+
+def md5(data: bytes) -> str:
+    """A single-part PUT's ETag (unquoted): S3's version token of the object."""
+    return hashlib.md5(data).hexdigest()
 
 
 def sha256s(files: dict) -> dict:
@@ -169,12 +175,12 @@ def make_tree(folder, sizes: dict[str, int]) -> dict[str, bytes]:
     return files
 
 
-def test_identify_names_what_fetch_takes(storage, s3, bucket, tmp_path):
+def test_identify_names_what_locate_takes(storage, s3, bucket, tmp_path):
     for key in ("d/2.jsonl", "d/1.csv", "d/README.md", "d/sub/3.parquet"):
         put(s3, bucket, key, key * 3)
     for uri in (f"s3://{bucket}/d", f"s3://{bucket}/d/sub/3.parquet"):
         identities = storage.identify(uri)
-        assert [i["uri"] for i in identities] == [source for source, _ in storage.fetch(uri, tmp_path / "dl")]
+        assert [i["uri"] for i in identities] == [source for source, _ in storage.locate(uri, tmp_path / "dl")]
         for identity in identities:
             key = identity["uri"].removeprefix(f"s3://{bucket}/")
             assert identity["etag"] == hashlib.md5(key.encode() * 3).hexdigest()  # a single PUT's ETag, unquoted
@@ -210,13 +216,13 @@ def test_writes_conditional_on_the_version(storage, bucket, tmp_path, where):
     version_of = (lambda data: hashlib.md5(data).hexdigest()) if where == "s3" else (
         lambda data: hashlib.sha256(data).hexdigest())  # fmt: skip
     assert storage.get_bytes(uri) is None
-    assert not storage.put_bytes(b"one", uri, if_match=version_of(b"one")), "nothing there to match"
+    assert storage.put_bytes(b"one", uri, if_match=version_of(b"one")) is None, "nothing there to match"
     assert storage.get_bytes(uri) is None
-    assert storage.put_bytes(b"one", uri)
+    assert storage.put_bytes(b"one", uri) == version_of(b"one"), "the version written, as get_bytes gives it"
     assert storage.get_bytes(uri) == (b"one", version_of(b"one"))
-    assert not storage.put_bytes(b"two", uri, if_match=version_of(b"other"))
-    assert storage.put_bytes(b"two", uri, if_match=version_of(b"one"))
-    assert not storage.put_bytes(b"three", uri, if_match=version_of(b"one")), "a stale version"
+    assert storage.put_bytes(b"two", uri, if_match=version_of(b"other")) is None
+    assert storage.put_bytes(b"two", uri, if_match=version_of(b"one")) == version_of(b"two")
+    assert storage.put_bytes(b"three", uri, if_match=version_of(b"one")) is None, "a stale version"
     assert storage.get_bytes(uri) == (b"two", version_of(b"two"))
     if where == "local":
         assert os.listdir(tmp_path / "run") == ["lease.json"], "no temporary files are left behind"
@@ -226,17 +232,17 @@ def test_stores_without_conditional_writes_compare_first(faulty_s3, bucket, capl
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
     faulty_s3.refuse_conditional = True
     storage, uri = storage_for(faulty_s3.endpoint), f"s3://{bucket}/run/manifest.json"
-    assert storage.put_bytes(b"first", uri, if_absent=True)
-    assert not storage.put_bytes(b"second", uri, if_absent=True)
-    assert not storage.put_bytes(b"second", uri, if_match=hashlib.md5(b"other").hexdigest())
-    assert storage.put_bytes(b"second", uri, if_match=hashlib.md5(b"first").hexdigest())
+    assert storage.put_bytes(b"first", uri, if_absent=True) == md5(b"first")
+    assert storage.put_bytes(b"second", uri, if_absent=True) is None
+    assert storage.put_bytes(b"second", uri, if_match=md5(b"other")) is None
+    assert storage.put_bytes(b"second", uri, if_match=md5(b"first")) == md5(b"second")
     assert storage.get_bytes(uri)[0] == b"second"
     assert caplog.text.count("refuses conditional writes") == 4
 
 
 def test_delete_tree_removes_everything_under_a_prefix_only(faulty_s3, s3, bucket, tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
-    monkeypatch.setattr(storage_module, "DELETE_BATCH", 2)  # moto takes any number; S3 takes 1000
+    monkeypatch.setattr("job.storage.s3.DELETE_BATCH", 2)  # moto takes any number; S3 takes 1000
     storage = storage_for(faulty_s3.endpoint)
     make_tree(tmp_path / "up", {"a": 1, "b/c": 1, "b/d": 1, "e": 1})
     storage.put_tree(tmp_path / "up", f"s3://{bucket}/run1")
@@ -254,14 +260,14 @@ def test_delete_tree_removes_everything_under_a_prefix_only(faulty_s3, s3, bucke
 
 
 def recording_bars(monkeypatch) -> list[tqdm]:
-    """job.storage's progress bars, counting (into a buffer) whatever the log format, kept for the test to read."""
+    """Storage.put_tree's progress bars, counting (into a buffer) whatever the log format, kept for the test to read."""
     bars = []
 
     def bar(**kwargs):
         bars.append(tqdm(file=io.StringIO(), **kwargs))
         return bars[-1]
 
-    monkeypatch.setattr(storage_module, "progress", bar)
+    monkeypatch.setattr("job.storage.progress", bar)
     return bars
 
 
@@ -275,17 +281,17 @@ def test_trees_go_up_and_come_back(storage, s3, bucket, tmp_path, monkeypatch, w
     assert bars[-1].n == bars[-1].total == sum(map(len, files.values())), "the upload bar counts every byte"
     if where == "s3":
         assert read_objects(s3, bucket) == {f"runs/r1/{name}": content for name, content in files.items()}
-    fetched = storage.fetch_tree(uri, tmp_path / "down")
+    fetched = storage.copy_tree(uri, tmp_path / "down")
     assert fetched == [(tmp_path / "down" / name).resolve() for name in sorted(files)]
     assert {p.relative_to((tmp_path / "down").resolve()).as_posix(): p.read_bytes() for p in fetched} == files
-    assert storage.fetch_tree(uri + "-none", tmp_path / "none") == []
+    assert storage.copy_tree(uri + "-none", tmp_path / "none") == []
 
 
-def test_fetch_tree_keeps_keys_inside_dest(storage, s3, bucket, tmp_path):
+def test_copy_tree_keeps_keys_inside_dest(storage, s3, bucket, tmp_path):
     put(s3, bucket, "ckpt/ok.bin", "x")
     put(s3, bucket, "ckpt/../../escape.bin", "x")
     with pytest.raises(DatasetInvalid, match="outside the scratch directory"):
-        storage.fetch_tree(f"s3://{bucket}/ckpt", tmp_path / "scratch")
+        storage.copy_tree(f"s3://{bucket}/ckpt", tmp_path / "scratch")
     assert not list(tmp_path.rglob("*.bin"))
 
 
@@ -306,7 +312,7 @@ def test_transfers_survive_a_faulty_store(faulty_s3, s3, bucket, tmp_path, monke
     assert sha256s(read_objects(s3, bucket)) == sha256s({f"run/{name}": data for name, data in files.items()})
     faulty_s3.fault_rate = 0.3
     assert storage.list(uri) == sorted(files)
-    fetched = storage.fetch_tree(uri, tmp_path / "down")
+    fetched = storage.copy_tree(uri, tmp_path / "down")
     down = (tmp_path / "down").resolve()
     assert sha256s({p.relative_to(down).as_posix(): p.read_bytes() for p in fetched}) == sha256s(files)
     identities = storage.identify(join_uri := f"{uri}/data")
@@ -327,8 +333,8 @@ def test_a_store_that_always_fails_is_temporary(faulty_s3, bucket, tmp_path, mon
     faulty_s3.fault_rate, faulty_s3.faults = 1.0, (fault,)
     for operation in (
         lambda: storage.put_tree(tmp_path / "up", uri),
-        lambda: storage.fetch_tree(uri, tmp_path / "down"),
-        lambda: storage.fetch(f"{uri}/d.jsonl", tmp_path / "down"),
+        lambda: storage.copy_tree(uri, tmp_path / "down"),
+        lambda: storage.locate(f"{uri}/d.jsonl", tmp_path / "down"),
         lambda: storage.put_bytes(b"x", f"{uri}/manifest.json", if_absent=True),
         lambda: storage.get_bytes(f"{uri}/d.jsonl"),
         lambda: storage.list(uri),
@@ -344,12 +350,58 @@ def test_a_conditional_write_whose_answer_was_lost_still_counts(faulty_s3, s3, b
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")
     storage, uri = storage_for(faulty_s3.endpoint), f"s3://{bucket}/run/lease.json"
     faulty_s3.fault_rate, faulty_s3.faults, faulty_s3.max_faults = 1.0, ("lost",), 1
-    assert storage.put_bytes(b"mine", uri, if_absent=True)
+    assert storage.put_bytes(b"mine", uri, if_absent=True) == md5(b"mine")
     faulty_s3.faulted.clear()
-    assert storage.put_bytes(b"mine, renewed", uri, if_match=hashlib.md5(b"mine").hexdigest())
+    assert storage.put_bytes(b"mine, renewed", uri, if_match=md5(b"mine")) == md5(b"mine, renewed")
     assert faulty_s3.faulted["lost"] == 1
     assert s3.get_object(Bucket=bucket, Key="run/lease.json")["Body"].read() == b"mine, renewed"
     assert not storage.put_bytes(b"theirs", uri, if_absent=True), "another writer's attempt still fails"
+
+
+def test_two_faults_in_a_row_on_every_request_are_carried_by_three_attempts(faulty_s3, bucket, tmp_path,
+                                                                           monkeypatch):  # fmt: skip
+    """The first two attempts of every request fail (503 SlowDown, 500, a reset before or after the store acted), for
+    some 60 requests of one Storage: more than the ~40 after which a retry quota like botocore's standard mode's
+    stops retrying. Three attempts carry each one: transfers, reads and conditional writes."""
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")
+    storage, uri = storage_for(faulty_s3.endpoint), f"s3://{bucket}/run"
+    faulty_s3.fail_first, faulty_s3.faults = 2, ("503", "500", "reset", "lost")
+    files = make_tree(tmp_path / "up", {f"{i:02}.bin": 100 + i for i in range(16)})
+    storage.put_tree(tmp_path / "up", uri)
+    down = (tmp_path / "down").resolve()
+    fetched = storage.copy_tree(uri, down)
+    assert {p.relative_to(down).as_posix(): p.read_bytes() for p in fetched} == files
+    lease = f"{uri}/lease.json"
+    version = storage.put_bytes(b"0", lease, if_absent=True)
+    assert version == md5(b"0")
+    for data in (b"1", b"2"):
+        version = storage.put_bytes(data, lease, if_match=version)
+        assert version == md5(data) and storage.get_bytes(lease) == (data, version)
+    attempts = len(faulty_s3.requests)
+    assert attempts > 3 * 50 and faulty_s3.faulted.total() * 3 == attempts * 2, "every request failed twice"
+    assert set(faulty_s3.faulted) == {"503", "500", "reset", "lost"}, faulty_s3.faulted
+
+
+def test_a_black_holed_request_times_out_and_the_proxy_lets_go_of_it(s3_endpoint, bucket):
+    """A blackhole never answers: the client's read timeout ends the request, and the proxy's exit the connection."""
+    with FaultyProxy(s3_endpoint) as proxy:
+        proxy.fault_rate, proxy.faults = 1.0, ("blackhole",)
+        client = boto3.client("s3", endpoint_url=proxy.endpoint, **_boto_credentials(),
+                              config=Config(read_timeout=0.5, retries={"total_max_attempts": 1}))  # fmt: skip
+        started = time.monotonic()
+        with pytest.raises(ReadTimeoutError):
+            client.get_object(Bucket=bucket, Key="lease.json")
+        assert time.monotonic() - started < 5
+        held = http.client.HTTPConnection(proxy.endpoint.removeprefix("http://"), timeout=10)
+        held.request("GET", f"/{bucket}/lease.json")
+        deadline = time.monotonic() + 5
+        while proxy.faulted["blackhole"] < 2 and time.monotonic() < deadline:  # until the proxy has read it
+            time.sleep(0.01)
+        assert proxy.faulted == {"blackhole": 2}
+        started = time.monotonic()
+    with pytest.raises((ConnectionError, http.client.HTTPException)):
+        held.getresponse()
+    assert time.monotonic() - started < 2, "the held connection ends with the proxy, not at the client's timeout"
 
 
 def test_the_faulty_proxy_forwards_chunked_bodies(faulty_s3, s3, bucket):
