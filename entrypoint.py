@@ -5,7 +5,7 @@
 
 Exit codes: 0 done (or already complete), 1 unexpected, 65 dataset invalid, 66 input not found, 70 GPU out of
 memory, 75 temporary (storage unreachable, or another attempt holds the run), 77 permission denied,
-78 configuration invalid, 143 stopped by SIGTERM after committing a checkpoint.
+78 configuration invalid, 130 stopped by SIGINT (Ctrl-C) and 143 by SIGTERM, after committing a checkpoint.
 """
 
 import json
@@ -34,7 +34,7 @@ from job import (
     train,
 )
 from job.context import ADAPTER, CHECKPOINTS, CONFIG, Device, Run
-from job.errors import ConfigInvalid, GpuOutOfMemory, JobError, Preempted, redact
+from job.errors import ConfigInvalid, GpuOutOfMemory, JobError, redact
 from job.settings import Settings, read_settings
 from job.storage import Storage, is_hub, is_s3, join
 
@@ -42,7 +42,7 @@ log = logging.getLogger("job")
 
 # What failure.json's "class" says for each exit code.
 CLASSES = {1: "unexpected", 65: "dataset_invalid", 66: "input_not_found", 70: "out_of_memory", 75: "temporary",
-           77: "access_denied", 78: "config_invalid", 143: "preempted"}  # fmt: skip
+           77: "access_denied", 78: "config_invalid", 130: "interrupted", 143: "preempted"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -94,14 +94,16 @@ def main() -> int:
     if all(is_s3(uri) or Path(uri).is_dir() for uri in models if uri) and not hub_data:
         # Nothing to fetch from the Hub: never wait on its retries (before huggingface_hub reads this, on import).
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if settings.DRY_RUN:  # its one question to the Hub is model.fetch_base's: no usage reports (TRL's, the Hub's)
+        os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     if launch.wanted(settings):
         return launch.torchrun(settings)
     preemption.install()
     storage = Storage(settings)
-    device = Device.detect(settings)
     out = join(settings.OUTPUT_URI, settings.RUN_ID) if settings.RUN_ID else None  # else known once hashed
     lease = None  # rank 0's, once taken: every write to the run's folder goes through it
     try:
+        device = Device.detect(settings)  # imports torch: seconds in which a signal must end as any failure does
         distributed.setup(device)
         # The run's identity hashes the dataset's listing (keys, ETags, sizes), not its download.
         dataset = distributed.share(device, lambda: storage.identify(settings.DATASET_URI))
@@ -123,7 +125,8 @@ def main() -> int:
         return attempt(settings, storage, run, config, lease)
     except Exception as exc:  # every failure leaves failure.json (rank 0's) and a termination message
         busy = isinstance(exc, runs.RunBusy)  # the run is another attempt's: its folder is not ours to write
-        return fail(as_job_error(exc, settings), storage if device.rank_zero and not busy else None, out, lease)
+        writes = settings.RANK == 0 and not busy  # rank 0 alone writes the run's folder (Device.rank_zero)
+        return fail(as_job_error(exc, settings), storage if writes else None, out, lease)
     finally:
         if lease is not None:
             lease.release()
@@ -220,8 +223,8 @@ def start_attempt(settings: Settings, storage: Storage, run: Run, config: dict, 
 
 def prepare_data(settings: Settings, run: Run, base: model.Base, inputs: Inputs) -> Data:
     """The data stage: the tokenizer and its template, the rows split and tokenized, the sample inputs, and the batch
-    plan. It ends before any weight is loaded, so that a configuration that cannot fit exits 70 here, and an export
-    that could only merge into 4-bit weights 78."""
+    plan. It ends before any weight is loaded, so that a configuration that cannot fit exits 70 here, and a LORA_R
+    above the model's layers or an export that could only merge into 4-bit weights 78."""
     tokenizer = model.load_tokenizer(settings, base, inputs.examples)
     template = data.choose_template(tokenizer, settings.CHAT_TEMPLATE, inputs.format)
     tokenizer.chat_template = template or tokenizer.chat_template
@@ -231,7 +234,7 @@ def prepare_data(settings: Settings, run: Run, base: model.Base, inputs: Inputs)
     eval_ds = data.tokenize(tokenizer, held_out, settings.TRAIN_ON_RESPONSES_ONLY) if held_out else None
     prompt_rows = inputs.sample_prompts or (held_out or train_rows)[: settings.NUM_SAMPLE_PROMPTS]
     exporting = settings.EXPORT == "merged_16bit"
-    model_config = model.config_of(base, settings) if run.device.cuda or exporting else None  # read once, if needed
+    model_config = model.config_of(base, settings)  # read once: the LORA_R bound, the plan and the export read it
     quantized = getattr(model_config, "quantization_config", None) is not None  # a pre-quantized checkpoint
     if exporting and not run.dry_run:
         export.source_16bit(settings, quantized)
@@ -274,6 +277,8 @@ def summarize(
             "eval_rows": prepared.eval_rows,
             "truncated_rows": prepared.lengths["truncated"],
             "rows_without_trained_tokens": prepared.lengths["no_trained_tokens"],
+            "train_tokens": prepared.lengths["tokens"],
+            "train_loss_tokens": prepared.lengths["loss_tokens"],
             "files": inputs.files,
         },
         samples_seen_in_training=not inputs.sample_prompts and not prepared.eval_rows,
@@ -286,16 +291,16 @@ def summarize(
 
 
 def stop_early(run: Run, uploader) -> int:
-    """After SIGTERM: wait for the checkpoint of the step reached to be committed, then stop."""
+    """After SIGTERM or SIGINT: wait for the checkpoint of the step reached to be committed, then stop."""
     if uploader is None:  # ranks other than 0 leave the commit and the report to rank 0
-        raise Preempted("stopped by SIGTERM")
+        raise preemption.stopped()
     with preemption.deferred():
         uploader.drain()
     step, seconds = max(uploader.committed, default=None), round(preemption.seconds_since_request(), 1)
     where = f"{run.uri(CHECKPOINTS, f'step-{step}')}" if step else "nowhere (checkpoints are off)"
-    raise Preempted(
-        f"stopped by SIGTERM; the checkpoint of step {step} is committed to {where} ({seconds} s after the "
-        "signal): the next attempt resumes from it",
+    raise preemption.stopped(
+        f"; the checkpoint of step {step} is committed to {where} ({seconds} s after the signal): the next attempt "
+        "resumes from it",
         step=step,
         seconds_after_signal=seconds,
     )

@@ -106,6 +106,14 @@ def detect_format(row: dict, source: str) -> str:
     )
 
 
+def _looks_like(row: dict) -> str | None:
+    """The format auto-detection would choose for this row, or None when it would choose none."""
+    try:
+        return detect_format(row, "")
+    except DatasetInvalid:
+        return None
+
+
 def _text(row: dict, column: str, required: bool = True) -> str:
     value = row.get(column)
     if value is None and not required:
@@ -165,7 +173,10 @@ def load_examples(files: list[tuple[str, Path]], dataset_format: str) -> tuple[l
             try:
                 examples.append(to_example(row, fmt))
             except ValueError as exc:
-                raise DatasetInvalid(f"{source}:{number}: {exc} (format {fmt}): fix the row") from None
+                fix = "fix the row"
+                if dataset_format != "auto" and number == rows[0][0] and (other := _looks_like(row)) not in (None, fmt):
+                    fix = f"these rows look like {other}; unset DATASET_FORMAT or set it to {other}"
+                raise DatasetInvalid(f"{source}:{number}: {exc} (format {fmt}): {fix}") from None
     log.info("%d rows from %d file(s)", len(examples), len(files), extra={"fields": {"rows": len(examples)}})
     return examples, fmt
 
@@ -275,10 +286,12 @@ def in_spans(offsets: list, spans: list) -> list[int]:
 
 def check_lengths(dataset, max_seq_length: int) -> dict:
     """How many of tokenize's rows are longer than max_seq_length, and how many keep no trained token once
-    cut to it (TRL keeps the start); DatasetInvalid when none keeps one, since training would learn nothing."""
+    cut to it (TRL keeps the start); the tokens of one pass over the rows so cut, and how many of them count in
+    the loss. DatasetInvalid when no row keeps a trained token, since training would learn nothing."""
+    masks = dataset["assistant_masks"]  # a column read materializes it: once
     # The tokens before a row's first trained one: its prompt, all of the row when nothing in it is trained.
-    prompts = [mask.index(1) if 1 in mask else len(mask) for mask in dataset["assistant_masks"]]
-    lengths = [len(ids) for ids in dataset["input_ids"]]  # a column read materializes it: once
+    prompts = [mask.index(1) if 1 in mask else len(mask) for mask in masks]
+    lengths = [len(ids) for ids in dataset["input_ids"]]
     truncated = sum(length > max_seq_length for length in lengths)
     no_trained = sum(prompt >= max_seq_length for prompt in prompts)
     if prompts and no_trained == len(prompts):
@@ -290,7 +303,8 @@ def check_lengths(dataset, max_seq_length: int) -> dict:
         log.warning("%d of %d rows lose their whole response at MAX_SEQ_LENGTH=%d and teach nothing",
                     no_trained, len(prompts), max_seq_length)  # fmt: skip
     return {"rows": len(prompts), "truncated": truncated, "no_trained_tokens": no_trained,
-            "longest": max(lengths, default=0)}  # fmt: skip
+            "longest": max(lengths, default=0), "tokens": sum(min(length, max_seq_length) for length in lengths),
+            "loss_tokens": sum(sum(mask[:max_seq_length]) for mask in masks)}  # fmt: skip
 
 
 def sample_inputs(tokenizer, examples: list[dict]) -> list[dict]:

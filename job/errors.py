@@ -61,3 +61,9 @@ class Preempted(JobError):
     def __init__(self, message: str, **fields):
         super().__init__(message)
         self.fields = fields
+
+
+class Interrupted(Preempted):
+    """SIGINT (Ctrl-C): as Preempted, with the shell's code for it (128 + 2)."""
+
+    exit_code = 130

@@ -2,8 +2,10 @@
 starts torchrun itself, in this process, and exits with its ranks' classified code (the lowest failed rank's),
 so that 65, 70, 78 and 143 reach Kubernetes' podFailurePolicy; torchrun's own command exits 1
 whatever its ranks exit with. Each failing rank writes its code to torchrun's error file (TORCHELASTIC_ERROR_FILE),
-so the code survives a rank that torchrun stops or that aborts on its way out. SIGTERM reaches every rank through
-torchrun, which waits for them to commit their checkpoint (up to TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s by default).
+so the code survives a rank that torchrun stops or that aborts on its way out. SIGTERM and SIGINT reach every rank
+through torchrun alone (it starts each in a session of its own, out of the terminal's reach), which waits for them to
+commit their checkpoint (up to TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s by default); it passes a second Ctrl-C on as
+SIGTERM, which after a SIGINT stops the ranks at once (preemption).
 
 Nodes meet at a static rendezvous: node 0 hosts it and node ranks are the Job's completion indexes. Unlike c10d's,
 it is not read again once the ranks start, so a node that leaves first (its ranks failed) takes nothing from the

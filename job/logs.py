@@ -37,6 +37,18 @@ class _TextFormatter(logging.Formatter):
         return redact(super().format(record))
 
 
+class _Library(logging.Logger):
+    """The logger of a library that gives itself a stderr handler when imported (transformers, datasets,
+    huggingface_hub), and may stop propagating (transformers): each of its lines came out twice in JSON mode, plain
+    then JSON (huggingface_hub's "Retrying in 8s [Retry 5/5]"), or plain only. This one keeps no handler and always
+    propagates, so that the job's handler writes each line once, in the chosen format."""
+
+    def addHandler(self, handler):
+        pass
+
+    propagate = property(lambda self: True, lambda self, value: None)
+
+
 class _AboveBars(logging.StreamHandler):
     """Text lines written above the progress bars (tqdm.write), so that a bar is never cut in two."""
 
@@ -61,10 +73,20 @@ def setup(log_format: str, rank: int | None = None) -> None:
     handler.setFormatter(_JsonFormatter() if use_json else _TextFormatter(fmt, "%H:%M:%S"))
     _state["rank"] = rank
     logging.basicConfig(level=logging.INFO if not rank else logging.WARNING, handlers=[handler], force=True)
-    # Libraries log through their own loggers; keep their chatter to warnings.
+    logging.captureWarnings(True)  # warnings.warn's lines through the handler too, not as plain text beside it
+    # Made before the libraries are imported (the entry point imports none of them at the top), so they take these.
+    logging.setLoggerClass(_Library)
+    for name in ("transformers", "datasets", "huggingface_hub"):
+        logging.getLogger(name)
+    logging.setLoggerClass(logging.Logger)
+    # Libraries log through their own loggers; keep their chatter to warnings. accelerate's info lines are advice to
+    # the trainer's authors, such as "The used dataset had no length, returning gathered tensors. You should drop the
+    # remainder yourself.", at each of TRL's metric gathers in the last step of a resumed epoch (accelerate 1.15's
+    # SkipBatchSampler has no batch_size, so the loader knows no remainder; only those logged metrics are affected).
     for name in (
         "transformers",
         "datasets",
+        "accelerate",
         "peft",
         "trl",
         "botocore",

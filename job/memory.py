@@ -3,13 +3,14 @@ micro-batch, accumulation and activation checkpointing that use the GPU while ke
 
 The estimate is weights + LoRA state + tokens x (activations + LM head), with two constants per backend fitted
 to peaks measured on an H200 (docs/benchmarks.md, "real data"); `make bench` prints it beside each measured peak.
+The same shape bounds LORA_R, with or without a GPU.
 """
 
 import logging
 from dataclasses import asdict, dataclass
 
 from job import distributed
-from job.errors import GpuOutOfMemory
+from job.errors import ConfigInvalid, GpuOutOfMemory
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +36,10 @@ class Shape:
     linear: int  # parameters of the layers' linear modules: 4-bit under LOAD_IN_4BIT
     other: int  # embeddings, LM head, norms: 16-bit
     lora: int  # LoRA parameters at LORA_R on LORA_TARGET_MODULES
+    narrowest: int  # the least in or out features of a LORA_TARGET_MODULES layer; 0 when none is in the model
     layers: int
     hidden: int
-    width: int  # one layer's linear widths (in + out features, summed)
+    width: int  # one layer's linear widths (in + out features, summed), and LORA_R for each adapted one
     vocab: int
 
 
@@ -65,18 +67,34 @@ def shape(config, settings) -> Shape:
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
     linear = sum(m.weight.numel() for _, m in linears)
     targets = set(settings.LORA_TARGET_MODULES)
-    layers = config.num_hidden_layers
+    adapted = [m for n, m in linears if n.rsplit(".", 1)[-1] in targets]
+    text = config.get_text_config()  # the language model's part of a multimodal configuration (Gemma 3, Llama 4)
+    layers = text.num_hidden_layers
     return Shape(
         linear=linear,
         other=sum(p.numel() for p in model.parameters()) - linear,
-        lora=sum(
-            settings.LORA_R * (m.in_features + m.out_features) for n, m in linears if n.rsplit(".", 1)[-1] in targets
-        ),
+        lora=sum(settings.LORA_R * (m.in_features + m.out_features) for m in adapted),
+        narrowest=min((min(m.in_features, m.out_features) for m in adapted), default=0),
         layers=layers,
-        hidden=config.hidden_size,
-        width=sum(m.in_features + m.out_features for _, m in linears) // layers,
-        vocab=config.vocab_size,
+        hidden=text.hidden_size,
+        # An adapted layer also keeps its input times A (LORA_R values a token) for B's gradient.
+        width=(sum(m.in_features + m.out_features for _, m in linears) + settings.LORA_R * len(adapted)) // layers,
+        vocab=text.vocab_size,
     )
+
+
+def check_rank(settings, sizes: Shape, config) -> None:
+    """ConfigInvalid when LORA_R is above the narrowest adapted layer's width: B x A then has rank at most that
+    width, so a larger LORA_R adds parameters, memory and time but no capacity (LORA_R=65536 ran 6 minutes a step
+    on a 64-wide dry-run model)."""
+    if 0 < sizes.narrowest < settings.LORA_R:
+        # A configuration read from BASE_MODEL has its name; the dry run's stand-in for an unreadable one has none.
+        whose = "BASE_MODEL's" if config.name_or_path else f"the stand-in {type(config).__name__}'s"
+        raise ConfigInvalid(
+            f"LORA_R={settings.LORA_R} is above {sizes.narrowest}, the narrowest width (in or out features) of "
+            f"{whose} LORA_TARGET_MODULES layers: a rank above a layer's width adds memory but nothing it can learn; "
+            f"set LORA_R to {sizes.narrowest} or less"
+        )
 
 
 def estimate(shape: Shape, settings, backend: str, tokens: int, checkpointing: bool) -> int:
@@ -93,18 +111,22 @@ def estimate(shape: Shape, settings, backend: str, tokens: int, checkpointing: b
 def plan(settings, device, backend: str, config, row_tokens: int) -> Plan:
     """The micro-batch, accumulation and checkpointing for this process's GPU (as given without one, or without
     the model's configuration). row_tokens: the longest sequence a micro-batch holds per row (MAX_SEQ_LENGTH when
-    packing). GpuOutOfMemory when nothing fits."""
+    packing). ConfigInvalid when LORA_R is above what the configuration's layers can use (check_rank), with or
+    without a GPU; GpuOutOfMemory when nothing fits."""
     given = (settings.PER_DEVICE_BATCH_SIZE, settings.GRAD_ACCUM_STEPS)
+    sizes = shape(config, settings) if config is not None else None
+    if sizes is not None:
+        check_rank(settings, sizes, config)
     if not device.cuda:
         return Plan(*given, False, None, None, "no GPU: as given")
-    if config is None:
+    if sizes is None:
         return Plan(*given, True, None, None, "BASE_MODEL's configuration is unreadable: as given, checkpointing on")
     import torch
 
     # Every rank plans with the least free memory of any: one plan for all, or DDP hangs.
     free = distributed.least(device, torch.cuda.mem_get_info(device.local_rank)[0])
     gpu = f"GPU {device.local_rank}" if device.world_size == 1 else "the fullest GPU"
-    return choose(settings, backend, shape(config, settings), row_tokens, free, gpu)
+    return choose(settings, backend, sizes, row_tokens, free, gpu)
 
 
 def choose(settings, backend: str, sizes: Shape, row_tokens: int, free: int, gpu: str = "the GPU") -> Plan:

@@ -1,37 +1,57 @@
-"""SIGTERM (spot reclaim, Kueue preemption, node drain): during training, stop at the next step boundary
-and commit a checkpoint, then exit 143; anywhere else there is nothing to commit, so stop at once (a
-publish cut short leaves no manifest, and the next attempt publishes)."""
+"""SIGTERM (spot reclaim, Kueue preemption, node drain) and SIGINT (Ctrl-C in a terminal or `docker run -it`):
+during training, stop at the next step boundary and commit a checkpoint, then exit 143 (SIGTERM) or 130 (SIGINT);
+anywhere else there is nothing to commit, so stop at once (a publish cut short leaves no manifest, and the next
+attempt publishes). A second Ctrl-C stops at once, without the commit."""
 
 import logging
+import os
 import signal
 import threading
 import time
 from contextlib import contextmanager
 
-from job.errors import Preempted
+from job.errors import Interrupted, Preempted
 
 log = logging.getLogger(__name__)
 
 _requested = threading.Event()
 _deferred = threading.Event()
 _requested_at = [0.0]
+_received = ["SIGTERM"]  # the first signal's name
 
 
 def install() -> None:
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
 
 
-def _on_sigterm(signum, frame) -> None:
-    first = not _requested.is_set()
+def _on_signal(signum, frame) -> None:
+    name, first = signal.Signals(signum).name, not _requested.is_set()
     if first:
-        _requested_at[0] = time.monotonic()
+        _requested_at[0], _received[0] = time.monotonic(), name
+    elif "SIGINT" in (name, _received[0]):
+        # A person who presses Ctrl-C again will not wait for the commit; nor after Ctrl-C under torchrun, which
+        # passes a second Ctrl-C on to the ranks as SIGTERM. A second SIGTERM alone (Kubernetes) keeps committing.
+        # os._exit, not an exception: the upload threads would hold the exit, and releasing the lease needs the
+        # store; the next attempt takes the lease over once LEASE_SECONDS pass without renewal.
+        log.error("%s after %s: stopped at once, without committing a checkpoint: the next attempt resumes from the "
+                  "last committed one once LEASE_SECONDS have passed", name, _received[0])  # fmt: skip
+        os._exit(130)
     _requested.set()
     if _deferred.is_set():
         if first:
-            log.warning("SIGTERM: stopping at the next step boundary to commit a checkpoint")
+            again = " (Ctrl-C again to stop at once, without it)" if name == "SIGINT" else ""
+            log.warning("%s: stopping at the next step boundary to commit a checkpoint%s", name, again)
         return
-    log.warning("SIGTERM: stopping now")
-    raise Preempted("stopped by SIGTERM outside training: the next attempt resumes from the last checkpoint")
+    log.warning("%s: stopping now", name)
+    raise stopped(" outside training: the next attempt resumes from the last checkpoint")
+
+
+def stopped(detail: str = "", **fields) -> Preempted:
+    """The error that ends an attempt after the signal: "stopped by SIGINT" + detail, exit 130, or "stopped by
+    SIGTERM" + detail, exit 143; fields go into failure.json."""
+    kind = Interrupted if _received[0] == "SIGINT" else Preempted
+    return kind(f"stopped by {_received[0]}{detail}", **fields)
 
 
 def requested() -> bool:
@@ -44,7 +64,7 @@ def seconds_since_request() -> float:
 
 @contextmanager
 def deferred():
-    """SIGTERM only sets requested() inside: the trainer stops at its next step, and a commit under way finishes."""
+    """A signal only sets requested() inside: the trainer stops at its next step, and a commit under way finishes."""
     _deferred.set()
     try:
         yield

@@ -12,6 +12,10 @@ def _quote(text: str | None) -> str:
 
 def render(summary, samples: list[dict], config: dict) -> str:
     m, dataset = summary.metrics, summary.dataset
+    # The trainer counts the tokens it reads, not the labels: the share of the training rows' tokens (cut at
+    # MAX_SEQ_LENGTH) that count in the loss, applied to the tokens read, estimates those.
+    share = dataset["train_loss_tokens"] / dataset["train_tokens"]
+    loss_tokens = round(m.tokens * share)
     lines = [
         f"# Fine-tuning run `{summary.run_id}`" + (" (dry run)" if summary.dry_run else ""),
         "",
@@ -25,10 +29,12 @@ def render(summary, samples: list[dict], config: dict) -> str:
         "",
         "## Training",
         "",
-        "| steps | epochs | rows | tokens | first loss | final loss | eval loss | tokens/s | first step s | peak GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        f"| {m.steps} | {m.epochs} | {m.rows} | {m.tokens} | {_num(m.first_loss)} | {_num(m.final_loss)} | "
-        f"{_num(m.eval_loss)} | {m.tokens_per_second} | {m.seconds_to_first_step} | {_num(m.peak_gpu_memory_gib)} |",
+        "| steps | epochs | rows | tokens | in the loss | first loss | final loss | eval loss | tokens/s "
+        "| first step s | peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| {m.steps} | {m.epochs} | {m.rows} | {m.tokens} | {loss_tokens} | {_num(m.first_loss)} | "
+        f"{_num(m.final_loss)} | {_num(m.eval_loss)} | {m.tokens_per_second} | {m.seconds_to_first_step} | "
+        f"{_num(m.peak_gpu_memory_gib)} |",
         "",
         f"Each step: {m.micro_batch * m.grad_accum} sequences per GPU x {summary.world_size} GPU(s), as "
         f"micro-batches of {m.micro_batch} x {m.grad_accum} accumulated; packing {m.packing}; activation checkpointing "
@@ -38,8 +44,14 @@ def render(summary, samples: list[dict], config: dict) -> str:
             if m.estimated_peak_gpu_memory_gib
             else ""
         )
-        + ". Rows: epochs x training rows; tokens: every token trained on, prompts too, padding not; first step: "
-        "seconds from the process's start.",
+        + ". Rows: epochs x training rows; tokens: every token the model read, prompts too, padding not; in the "
+        + (
+            f"loss: about {share:.0%} of them, the responses' only (assistant turns and completions, "
+            "TRAIN_ON_RESPONSES_ONLY=true)"
+            if config["TRAIN_ON_RESPONSES_ONLY"]
+            else "loss: all of them (TRAIN_ON_RESPONSES_ONLY=false)"
+        )
+        + "; first step: seconds from the process's start.",
         "",
         "![loss against step](loss.png)",
         "",

@@ -3,7 +3,7 @@
 This is the only module that reads the environment. Precedence: the real environment, then the
 file named by ENV_FILE (python-dotenv, never overriding a real variable), then the defaults below,
 which follow the Unsloth Llama-3 notebook (unsloth/notebooks, Llama3_(8B)-Alpaca.ipynb). A name in
-ENV_FILE that is not a setting, or a near miss of one in the environment (LORA_RANK), is an error.
+ENV_FILE that is not a setting, or a near miss of one in the environment (LORA_RANK, EPOCHS, lora_r), is an error.
 """
 
 import difflib
@@ -42,7 +42,8 @@ NOT_TRAINED = frozenset({
 
 # The platform's own variables are never taken for misspelled settings, however close: those of the container
 # runtime, Kubernetes, torchrun and the launchers that set its PET_ variables (Kubeflow) or their own (Slurm, MPI,
-# SageMaker), CUDA, the libraries the job uses, and the CI runners of the dry run (GitHub's RUNNER_NAME).
+# SageMaker), CUDA, the libraries the job uses, the CI runners of the dry run (GitHub's RUNNER_NAME), and shells
+# (WSL's NAME, the machine's name).
 PLATFORM_PREFIXES = (
     "KUBERNETES_", "NVIDIA_", "NV_", "CUDA_", "CUDNN_", "CUBLAS_", "PYTORCH_", "TORCH_", "TORCHELASTIC_", "PET_",
     "NCCL_", "HF_", "HUGGINGFACE_", "AWS_", "TRANSFORMERS_", "TOKENIZERS_", "TRITON_", "UNSLOTH_", "BNB_",
@@ -52,7 +53,7 @@ PLATFORM_PREFIXES = (
 PLATFORM_NAMES = {
     "PATH", "HOME", "HOSTNAME", "TERM", "LANG", "LANGUAGE", "PWD", "OLDPWD", "SHLVL", "USER", "SHELL",
     "LD_LIBRARY_PATH", "LIBRARY_PATH", "TMPDIR", "TZ", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE",
-    "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE",
+    "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "NAME",
 }  # fmt: skip
 # Kubernetes service links: FOO_SERVICE_HOST, FOO_SERVICE_PORT(_NAME), FOO_PORT, FOO_PORT_80_TCP(_ADDR, ...).
 SERVICE_LINK = re.compile(r"_SERVICE_(HOST|PORT)(_|$)|_PORT(_|$)")
@@ -121,7 +122,7 @@ class Settings(BaseSettings):
     LOAD_IN_4BIT: bool = True
     """Load the base model in bitsandbytes NF4 (QLoRA); false trains 16-bit LoRA."""
     LORA_R: int = Field(default=16, ge=1)
-    """LoRA rank."""
+    """LoRA rank; at most the narrowest width of the LORA_TARGET_MODULES layers (read from config.json)."""
     LORA_ALPHA: int = Field(default=16, ge=1)
     """LoRA scaling numerator."""
     LORA_DROPOUT: float = Field(default=0.0, ge=0, lt=1)
@@ -360,6 +361,9 @@ def _is_near_miss(name: str, setting: str) -> bool:
     common = min(len(a), len(b))
     if common >= 2 and (a[:common] == b[:common] or (len(a) < len(b) and a == b[-common:])):
         return True
+    # One word of 4 letters or more, the setting without its first word: EPOCHS, STEPS, MODEL.
+    if a == b[1:] and len(letters_a) >= 4:
+        return True
     # A slip of the keyboard: 0.85 allows one letter missing or added (LERNING_RATE, NODES), or one wrong in
     # names of 7 letters or more (DATASET_FORMAY); in shorter names a wrong letter mostly makes another word.
     slip = difflib.SequenceMatcher(None, letters_a, letters_b)
@@ -380,9 +384,11 @@ def _misspelled(env_file: str, from_file: dict) -> list[str]:
             close = _closest(name)
             hint = f"did you mean {close}?" if close else "it is unknown: use names from env.example"
             problems.append(f"{name} in {env_file} is not a setting: {hint}")
-    # Only upper-case names: others follow other conventions (http_proxy, GitHub's ImageVersion).
+    # Upper-case names, and others only when they are a setting in another case (lora_r): other names follow other
+    # conventions (http_proxy, GitHub's ImageVersion).
     for name in sorted(os.environ.keys() - Settings.model_fields.keys() - from_file.keys()):
-        if name.isupper() and not _is_platform(name) and (close := _closest(name)):
+        cased = name.isupper() or name.upper() in Settings.model_fields
+        if cased and not _is_platform(name) and (close := _closest(name)):
             problems.append(f"{name} is set but is not a setting: did you mean {close}? rename or unset it")
     return problems
 

@@ -29,7 +29,7 @@ class Metrics:
     final_loss: float | None
     eval_loss: float | None
     rows: int  # rows trained: epochs x the training rows
-    tokens: int  # tokens trained (not padding; prompts too)
+    tokens: int  # tokens read (not padding; prompts too: report.py says how many were in the loss)
     tokens_per_second: float | None
     train_seconds: float
     seconds_to_first_step: float | None  # from the process's start: what a (re)started pod waits

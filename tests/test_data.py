@@ -134,6 +134,22 @@ def test_a_bad_row_names_file_line_and_format(tmp_path):
         data.load_examples([("d.jsonl", path)], "auto")
 
 
+def test_a_forced_format_that_fails_on_rows_of_another_says_which(tmp_path):
+    path = tmp_path / "chats.jsonl"
+    path.write_text(json.dumps(ROWS["sharegpt"]) + "\n")
+    with pytest.raises(DatasetInvalid) as error:
+        data.load_examples([("s3://b/chats.jsonl", path)], "alpaca")
+    assert str(error.value) == (
+        "s3://b/chats.jsonl:1: column 'instruction' must be a non-empty string, got None (format alpaca): these rows "
+        "look like sharegpt; unset DATASET_FORMAT or set it to sharegpt"
+    )
+    # Rows of the forced format with a bad value, or of no format at all, get no hint: the row is to be fixed.
+    for row in ({"instruction": "x", "output": ""}, {"question": "?"}):
+        path.write_text(json.dumps(row) + "\n")
+        with pytest.raises(DatasetInvalid, match=r"chats.jsonl:1: .* \(format alpaca\): fix the row$"):
+            data.load_examples([("chats.jsonl", path)], "alpaca")
+
+
 def masked_text(tokenizer, dataset, i=0):
     ids, mask = dataset[i]["input_ids"], dataset[i]["assistant_masks"]
     return tokenizer.decode([t for t, m in zip(ids, mask) if m])
@@ -216,21 +232,30 @@ def test_bos_starts_every_sequence_once_when_the_tokenizer_adds_one():
     assert sample["input"].startswith("<s>") and sample["input"].count("<s>") == 1
 
 
-def test_check_lengths_counts_rows_that_lose_their_response(tokenizer):
+def test_check_lengths_counts_rows_that_lose_their_response_and_the_tokens_in_the_loss(tokenizer):
     examples = [{"prompt": "the quick brown fox " * n, "completion": " jumps over the lazy dog"} for n in (1, 4)]
     dataset = data.tokenize(tokenizer, examples, responses_only=True)
     lengths = [len(ids) for ids in dataset["input_ids"]]
     short, long = (mask.index(1) for mask in dataset["assistant_masks"])  # the prompts' lengths in tokens
-    assert short < long < lengths[1]
-    longest = {"longest": max(lengths)}
-    assert data.check_lengths(dataset, max(lengths)) == {"rows": 2, "truncated": 0, "no_trained_tokens": 0} | longest
-    assert data.check_lengths(dataset, long + 1) == {"rows": 2, "truncated": 1, "no_trained_tokens": 0} | longest
-    assert data.check_lengths(dataset, long) == {"rows": 2, "truncated": 1, "no_trained_tokens": 1} | longest
-    assert data.check_lengths(dataset, short + 1)["no_trained_tokens"] == 1
+    answers = [sum(mask) for mask in dataset["assistant_masks"]]  # the responses' lengths in tokens
+    assert short < lengths[0] < long < lengths[1]
+
+    def counts(max_seq_length: int, rows=dataset) -> tuple:
+        """(rows cut, rows cut before their response, tokens read, tokens in the loss) at max_seq_length."""
+        found = data.check_lengths(rows, max_seq_length)
+        assert (found["rows"], found["longest"]) == (2, lengths[1])
+        return found["truncated"], found["no_trained_tokens"], found["tokens"], found["loss_tokens"]
+
+    assert counts(lengths[1]) == (0, 0, sum(lengths), sum(answers))
+    assert counts(lengths[1] - 1) == (1, 0, sum(lengths) - 1, sum(answers) - 1)  # the response's last token cut
+    assert counts(long + 1) == (1, 0, lengths[0] + long + 1, answers[0] + 1)
+    assert counts(long) == (1, 1, lengths[0] + long, answers[0])
+    assert counts(short + 1)[1] == 1
     problem = (
         rf"all 2 rows lose their whole response at MAX_SEQ_LENGTH={short} \(the shortest prompt is {short} tokens\)"
     )
     with pytest.raises(DatasetInvalid, match=problem + ": raise MAX_SEQ_LENGTH or shorten the prompts"):
         data.check_lengths(dataset, short)
     everything = data.tokenize(tokenizer, examples, responses_only=False)
-    assert data.check_lengths(everything, 1) == {"rows": 2, "truncated": 2, "no_trained_tokens": 0} | longest
+    assert counts(1, everything) == (2, 0, 2, 2)
+    assert counts(lengths[1], everything) == (0, 0, sum(lengths), sum(lengths))

@@ -17,7 +17,7 @@ from job.errors import ConfigInvalid
 from job.settings import Settings, read_settings
 from job.storage import is_data_file
 from job.storage.hub import hub_select as select
-from tests.conftest import DEMO_DATA, Loopback, error_line, free_port, jsonl
+from tests.conftest import DEMO_DATA, Loopback, error_line, free_port, jsonl, log_lines
 
 ROWS = [json.loads(line) for line in DEMO_DATA.read_text().splitlines()][:24]
 TOKEN = "hf_fake_hub_token_of_the_tests"  # the one token the fake Hub accepts for private datasets
@@ -263,15 +263,16 @@ def test_an_unreachable_hub_is_a_temporary_failure_at_once(run_hub_job, tmp_path
 class StatusHub(Loopback):
     """A Hub stand-in that answers every request with one status, as the Hub does for a model it will not serve:
     401 and 404 with X-Error-Code RepoNotFound; 503 with Retry-After: 0, so that huggingface_hub's five retries of each
-    file come 1 s apart (its own backoff waits 1, 2, 4, 8 and 8 s)."""
+    file come 1 s apart (its own backoff waits 1, 2, 4, 8 and 8 s). requests lists "METHOD path" of each request."""
 
     def __init__(self, status: int):
-        self.status = status
+        self.status, self.requests = status, []
         super().__init__(_StatusHandler)
 
 
 class _StatusHandler(_HubHandler):
     def do_GET(self):
+        self.server.owner.requests.append(f"{self.command} {self.path}")
         status = self.server.owner.status
         self.answer(status, {"Retry-After": "0"} if status == 503 else {"X-Error-Code": "RepoNotFound"})
 
@@ -347,3 +348,31 @@ def test_hub_addresses_are_for_datasets_only(env, name):
     with pytest.raises(ConfigInvalid) as error:
         read_settings()
     assert f"{name} (got 'hf://datasets/acme/support'): is neither s3://bucket/..." in str(error.value)
+
+
+def test_a_dry_run_of_a_hub_base_model_asks_the_hub_once_without_retries(run_hub_job, tmp_path):
+    """The default BASE_MODEL (a Hub id), HF_HUB_OFFLINE unset, and a Hub that answers 503, which huggingface_hub
+    retries five times per file: one request, and the dry run goes on with a tiny Llama and a tokenizer of the data."""
+    dataset = tmp_path / "d.jsonl"
+    dataset.write_text(jsonl(ROWS))
+    with StatusHub(503) as hub:
+        result = run_hub_job({"BASE_MODEL": None, "DATASET_URI": str(dataset), "HF_ENDPOINT": hub.endpoint})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert hub.requests == ["GET /api/models/unsloth/llama-3-8b-bnb-4bit"]
+    [manifest] = [json.loads(text) for name, text in outputs(tmp_path).items() if name.endswith("/manifest.json")]
+    assert manifest["base_model"]["loaded"] == "tiny random Llama (dry run)"
+
+
+def test_the_hubs_retry_warnings_come_out_once_each_in_json_mode(run_hub_job, tmp_path):
+    """huggingface_hub gives its logger a stderr handler of its own: each of its warnings came out twice in JSON mode,
+    as plain text, then as JSON. BASE_MODEL trained for real against a Hub that answers 503."""
+    dataset = tmp_path / "d.jsonl"
+    dataset.write_text(jsonl(ROWS))
+    env = {"BASE_MODEL": "acme/model", "DATASET_URI": str(dataset), "DRY_RUN": "false", "TRAIN_BACKEND": "hf",
+           "LOAD_IN_4BIT": "false", "OPTIMIZER": "adamw_torch"}  # fmt: skip
+    with StatusHub(503) as hub:
+        result = run_hub_job(env | {"HF_ENDPOINT": hub.endpoint})
+    assert result.returncode == 75, result.stderr[-3000:]
+    retries = [line for line in log_lines(result) if "[Retry 1/5]" in line["message"]]
+    assert retries and all(line["level"] == "warning" for line in retries), result.stderr[-3000:]
+    assert [line for line in result.stderr.splitlines() if not line.startswith("{")] == [], "a plain line too"

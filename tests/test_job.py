@@ -453,3 +453,54 @@ def test_wandb_online_without_a_key_exits_78_and_without_an_answer_75(run_job, s
     away = run_job(env | {"WANDB_API_KEY": "k" * 40, "WANDB_HTTP_TIMEOUT": "2"})  # nothing listens there
     assert away.returncode == 75, away.stderr[-3000:]
     assert error_line(away).startswith(f"REPORT_TO=wandb: WANDB_BASE_URL={env['WANDB_BASE_URL']} did not answer")
+
+
+def test_names_in_the_environment_that_the_job_would_ignore_exit_78(run_job, tmp_path):
+    """EPOCHS (NUM_EPOCHS without its first word) and lora_r (LORA_R in lower case) would train nothing different,
+    and a rerun of a complete run would answer "already complete": both are named before anything starts."""
+    result = run_job({"DRY_RUN": "true", "DATASET_URI": str(DEMO_DATA), "OUTPUT_URI": str(tmp_path / "out"),
+                      "EPOCHS": "2", "lora_r": "8"})  # fmt: skip
+    assert result.returncode == 78, result.stderr[-3000:]
+    message = error_line(result)
+    assert "EPOCHS is set but is not a setting: did you mean NUM_EPOCHS?" in message
+    assert "lora_r is set but is not a setting: did you mean LORA_R?" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_lora_rank_above_the_models_narrowest_layer_exits_78_before_loading_it(run_job, tmp_path, tiny_model_dir):
+    """The tiny Llama's k_proj and v_proj have 32 out features (2 heads of 16): rank 32 trains, 33 is a 78 from
+    config.json, before any training step."""
+    env = {"DRY_RUN": "true", "DRY_RUN_STEPS": "1", "BASE_MODEL": str(tiny_model_dir), "DATASET_URI": str(DEMO_DATA),
+           "OUTPUT_URI": str(tmp_path / "out"), "NUM_SAMPLE_PROMPTS": "1", "MAX_NEW_TOKENS": "2"}  # fmt: skip
+    result = run_job(env | {"LORA_R": "33"})
+    assert result.returncode == 78, result.stderr[-3000:]
+    assert error_line(result).startswith("LORA_R=33 is above 32, the narrowest width (in or out features) of "
+                                         "BASE_MODEL's LORA_TARGET_MODULES layers")  # fmt: skip
+    assert not any(line["stage"] in ("model", "train") for line in log_lines(result))
+    assert run_job(env | {"LORA_R": "32"}).returncode == 0
+
+
+@pytest.mark.parametrize("responses_only", ["true", "false"])
+def test_the_report_says_which_tokens_counted_in_the_loss_and_how_many(run_job, s3, bucket, responses_only):
+    # Long prompts and one-token answers: few of the tokens are in the loss.
+    rows = [{"instruction": f"Repeat the number {i} in words, slowly and carefully, please.", "output": f"{i}"}
+            for i in range(30)]  # fmt: skip
+    result = run_job({"DRY_RUN": "true", "DATASET_URI": put(s3, bucket, "d.jsonl", jsonl(rows)),
+                      "OUTPUT_URI": f"s3://{bucket}/runs", "TRAIN_ON_RESPONSES_ONLY": responses_only,
+                      "NUM_SAMPLE_PROMPTS": "1", "MAX_NEW_TOKENS": "2"})  # fmt: skip
+    _, files = run_outputs(s3, bucket, result)
+    dataset = json.loads(files["manifest.json"])["dataset"]
+    tokens = json.loads(files["metrics.json"])["tokens"]
+    report = files["report.md"].decode()
+    header, _, row = report.split("## Training")[1].strip().splitlines()[:3]
+    cells = dict(zip(header.strip("|").split(" | "), row.strip("|").split(" | ")))
+    assert int(cells["tokens"]) == tokens
+    if responses_only == "true":
+        assert 0 < dataset["train_loss_tokens"] < dataset["train_tokens"] / 3
+        assert int(cells["in the loss"]) == round(tokens * dataset["train_loss_tokens"] / dataset["train_tokens"])
+        share = round(100 * dataset["train_loss_tokens"] / dataset["train_tokens"])
+        assert f"in the loss: about {share}% of them, the responses' only" in report
+    else:
+        assert dataset["train_loss_tokens"] == dataset["train_tokens"] and int(cells["in the loss"]) == tokens
+        assert "in the loss: all of them (TRAIN_ON_RESPONSES_ONLY=false)" in report
+    assert "prompts too" in report

@@ -12,13 +12,14 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import safetensors.torch
 
-from tests.conftest import DEMO_DATA, error_line, jsonl, log_lines, put, read_objects
+from tests.conftest import DEMO_DATA, FaultyProxy, error_line, jsonl, log_lines, put, read_objects
 
 ROWS = [json.loads(line) for line in DEMO_DATA.read_text().splitlines()][:48]
 STEPS = 24
@@ -394,3 +395,55 @@ def test_two_transient_faults_on_every_request_are_carried_by_the_default_attemp
     attempts = len(faulty_s3.requests)  # some 70 requests: more than a retry quota of ~40 would have carried
     assert attempts > 3 * 50 and faulty_s3.faulted.total() * 3 == attempts * 2, "every request failed twice"
     outcome(s3, bucket, "two-faults")
+
+
+def test_ctrl_c_commits_and_exits_130_and_a_second_one_stops_at_once(start_job, s3, bucket, train_env, faulty_s3):
+    """SIGINT (Ctrl-C) as SIGTERM: the step reached is committed, one error line, failure.json says interrupted, exit
+    130, and the next attempt resumes from it. A second Ctrl-C stops at once, while the checkpoint's upload hangs.
+    Never a traceback."""
+    env, everything = train_env | {"RUN_ID": "ctrl-c", "MAX_STEPS": "8"}, []
+    code, lines = watch(start_job(env), at_step(2), signal.SIGINT, everything=everything)
+    assert code == 130, lines[-5:]
+    failure = json.loads(read_objects(s3, bucket, "runs/ctrl-c/failure.json").popitem()[1])
+    assert failure["class"] == "interrupted" and failure["exit_code"] == 130
+    assert failure["step"] >= 2 and failure["step"] in committed(s3, bucket, "ctrl-c")
+    errors = [line["message"] for line in lines if line["level"] == "error"]
+    assert len(errors) == 1 and errors[0].startswith(f"stopped by SIGINT; the checkpoint of step {failure['step']}")
+    code, lines = watch(start_job(env), lambda line: False, everything=everything)
+    assert code == 0 and resumed_from(lines) == failure["step"], lines[-5:]
+
+    process = start_job(env | {"RUN_ID": "ctrl-c-twice", "AWS_ENDPOINT_URL_S3": faulty_s3.endpoint})
+
+    def twice(line):  # the first Ctrl-C at step 2, the second once the job has heard the first
+        if at_step(2)(line):
+            faulty_s3.only, faulty_s3.faults, faulty_s3.fault_rate = "/checkpoints/", ("blackhole",), 1.0
+            process.send_signal(signal.SIGINT)
+        return line["message"].startswith("SIGINT: stopping at the next step boundary")
+
+    code, lines = watch(process, twice, signal.SIGINT, everything=everything)
+    assert code == 130, lines[-5:]
+    assert [line["message"].split(":")[0] for line in lines if line["level"] == "error"] == ["SIGINT after SIGINT"]
+    assert "Traceback" not in "".join(everything)
+
+
+class SlowStore(FaultyProxy):
+    """The S3 server 100 ms away, as a real store is farther than loopback: a transfer's threads then overlap."""
+
+    def fault(self, path: str, headers) -> None:
+        time.sleep(0.1)
+
+
+def test_a_resumed_run_says_nothing_of_a_full_connection_pool_or_a_dataset_without_length(start_job, s3_endpoint,
+                                                                                          train_env):  # fmt: skip
+    """A resume downloads its checkpoint's dozen files at once (from a store 100 ms away, where botocore's default
+    pool of 10 made urllib3 log "Connection pool is full" for 2 or 3 of them) and trains past the end of the resumed
+    epoch (step 12), where accelerate logged "The used dataset had no length" at each of TRL's metric gathers."""
+    env, everything = train_env | {"RUN_ID": "quiet-resume"}, []
+    code, _ = watch(start_job(env), at_step(3))
+    assert code == 143
+    with SlowStore(s3_endpoint) as store:
+        resumed = start_job(env | {"AWS_ENDPOINT_URL_S3": store.endpoint})
+        code, lines = watch(resumed, at_step(13), everything=everything)
+    assert code == 143 and resumed_from(lines) >= 3, lines[-5:]
+    assert "Connection pool is full" not in "".join(everything)
+    assert "The used dataset had no length" not in "".join(everything)

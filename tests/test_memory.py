@@ -19,13 +19,18 @@ def settings(**given) -> Settings:
 
 
 @pytest.fixture(scope="module")
-def llama_8b():
+def llama_8b_config():
     """Llama-3-8B's configuration (bench/synthetic_model.py's shape), never instantiated."""
     from transformers import LlamaConfig
 
     from bench.synthetic_model import SHAPES, VOCAB
 
-    return memory.shape(LlamaConfig(vocab_size=VOCAB, **SHAPES["llama-3-8b"]), settings())
+    return LlamaConfig(vocab_size=VOCAB, **SHAPES["llama-3-8b"])
+
+
+@pytest.fixture(scope="module")
+def llama_8b(llama_8b_config):
+    return memory.shape(llama_8b_config, settings())
 
 
 def test_the_shape_counts_what_the_real_model_and_its_adapters_hold(tiny_model_dir):
@@ -76,6 +81,50 @@ def test_what_cannot_fit_is_exit_70_naming_the_settings_to_change(llama_8b):
     # As given and within the free memory: kept, even above what AUTO_BATCH would fill.
     kept = memory.choose(settings(AUTO_BATCH=False), "unsloth", llama_8b, 2048, 80 * GIB)
     assert (kept.micro_batch, kept.grad_accum, kept.checkpointing) == (2, 4, True)
+
+
+def test_lora_parameters_and_their_optimizer_state_count_in_the_estimate(llama_8b_config):
+    """Llama-3-8B: 32 layers, each adapted on q, k, v, o (4096 in; 4096, 1024, 1024, 4096 out) and gate, up, down
+    (4096 and 14336): 81,920 features in and out a layer. Each LoRA parameter keeps 8 bytes of fp32 weight and
+    gradient and adamw_8bit's 2 of state; a token keeps LORA_R values for each adapted module of a held layer."""
+    low, high = (memory.shape(llama_8b_config, settings(LORA_R=r)) for r in (16, 1024))
+    assert (low.lora, high.lora) == (16 * 32 * 81920, 1024 * 32 * 81920)
+    tokens, stored = 2 * 2048, 1  # two sequences a micro-batch, checkpointing on: one layer's activations held
+    grown = memory.estimate(high, settings(LORA_R=1024), "unsloth", tokens, checkpointing=True) - memory.estimate(
+        low, settings(LORA_R=16), "unsloth", tokens, checkpointing=True
+    )
+    lora_state = (high.lora - low.lora) * (8 + 2)
+    activations = tokens * stored * (1024 - 16) * 7 * memory.ACTIVATION["unsloth"]  # 7 adapted modules a layer
+    assert abs(grown - lora_state - activations) < 0.001 * GIB, (grown, lora_state, activations)
+    # The same GPU fits rank 16 and not rank 1024 (25 GiB of LoRA state alone): exit 70, naming LORA_R.
+    assert memory.choose(settings(LORA_R=16), "unsloth", low, 2048, 24 * GIB).estimate_gib < 24
+    with pytest.raises(GpuOutOfMemory, match=r"lower LORA_R \(now 1024\)"):
+        memory.choose(settings(LORA_R=1024), "unsloth", high, 2048, 24 * GIB)
+
+
+def test_a_rank_above_the_narrowest_adapted_layer_is_exit_78_with_or_without_a_gpu(llama_8b_config, tiny_model_dir):
+    from transformers import AutoConfig
+
+    from job.context import Device
+    from job.errors import ConfigInvalid
+
+    cpu = Device(False, False, 0, 0, 1)
+    assert memory.plan(settings(LORA_R=1024), cpu, "hf", llama_8b_config, 2048).micro_batch == 2
+    with pytest.raises(ConfigInvalid) as error:
+        memory.plan(settings(LORA_R=1025), cpu, "hf", llama_8b_config, 2048)
+    assert error.value.exit_code == 78 and str(error.value).startswith(
+        "LORA_R=1025 is above 1024, the narrowest width (in or out features) of the stand-in LlamaConfig's "
+        "LORA_TARGET_MODULES layers"
+    )
+    assert str(error.value).endswith("set LORA_R to 1024 or less")
+    # Without k_proj and v_proj (1,024 out) the narrowest is 4,096.
+    mlp = {"LORA_TARGET_MODULES": "gate_proj,up_proj,down_proj,o_proj"}
+    assert memory.plan(settings(LORA_R=4096, **mlp), cpu, "hf", llama_8b_config, 2048).micro_batch == 2
+    with pytest.raises(ConfigInvalid, match="LORA_R=4097 is above 4096"):
+        memory.plan(settings(LORA_R=4097, **mlp), cpu, "hf", llama_8b_config, 2048)
+    # A configuration read from BASE_MODEL is named so: the tiny Llama's k_proj has 2 heads of 16 out.
+    with pytest.raises(ConfigInvalid, match="LORA_R=33 is above 32, .* of BASE_MODEL's LORA_TARGET_MODULES"):
+        memory.plan(settings(LORA_R=33), cpu, "hf", AutoConfig.from_pretrained(tiny_model_dir), 512)
 
 
 def test_without_a_gpu_the_batch_is_as_given():

@@ -320,7 +320,8 @@ def test_a_name_in_the_env_file_that_is_not_a_setting_is_an_error(env, tmp_path)
      ("MAX_SEQ_LEN", "MAX_SEQ_LENGTH"), ("LORA_DROP_OUT", "LORA_DROPOUT"), ("WARMUP_STEP", "WARMUP_STEPS"),
      ("LR_SCHEDULER_TYPE", "LR_SCHEDULER"), ("OPTIM", "OPTIMIZER"), ("BASEMODEL", "BASE_MODEL"),
      ("PER_DEVICE_TRAIN_BATCH_SIZE", "PER_DEVICE_BATCH_SIZE"), ("DATASET_FORMAY", "DATASET_FORMAT"),
-     ("NUM_NODES", "NNODES"), ("RDZV_ENDPOINTS", "RDZV_ENDPOINT")],
+     ("NUM_NODES", "NNODES"), ("RDZV_ENDPOINTS", "RDZV_ENDPOINT"), ("EPOCHS", "NUM_EPOCHS"),
+     ("TEMPLATE", "CHAT_TEMPLATE"), ("lora_r", "LORA_R"), ("Learning_Rate", "LEARNING_RATE")],
 )  # fmt: skip
 def test_a_near_miss_of_a_setting_in_the_environment_is_an_error(env, typo, setting):
     env(**REQUIRED, **{typo: "8"})
@@ -344,7 +345,7 @@ PLATFORM = [
     "PET_RDZV_ENDPOINT", "PET_RDZV_BACKEND", "TRITON_CACHE_DIR", "UNSLOTH_COMPILE_DISABLE", "XDG_CACHE_HOME",
     "PYTHONUNBUFFERED", "PYTHONPATH", "LD_LIBRARY_PATH", "LIBRARY_PATH", "HOSTNAME", "HOME", "PATH", "TERM", "LANG",
     "LC_ALL", "PWD", "SHLVL", "USER", "TMPDIR", "TZ", "POD_NAME", "POD_NAMESPACE", "POD_IP", "NODE_NAME", "JOB_NAME",
-    "GITHUB_RUN_ID", "RUNNER_NAME", "RUNNER_TEMP", "ImageVersion", "OMPI_COMM_WORLD_SIZE", "SM_OUTPUT_DIR",
+    "GITHUB_RUN_ID", "RUNNER_NAME", "RUNNER_TEMP", "ImageVersion", "OMPI_COMM_WORLD_SIZE", "SM_OUTPUT_DIR", "NAME",
 ]  # fmt: skip
 
 
@@ -368,3 +369,11 @@ def test_misspellings_are_reported_with_every_other_problem(env):
     env(DATASET_URI="gs://b/x", LORA_RANK="8", LERNING_RATE="1e-4", PACKING="maybe")
     fails("LORA_RANK is set", "LERNING_RATE is set", "DATASET_URI (got 'gs://b/x')", "PACKING (got 'maybe')",
           "OUTPUT_URI is required")  # fmt: skip
+
+
+def test_names_that_are_no_setting_and_no_near_miss_pass(env, monkeypatch):
+    """Other programs' lower-case names, and single words too short or too far from a setting's end."""
+    for name in ("http_proxy", "no_proxy", "epochs", "RUN", "ID", "EPOCH_COUNT", "MODEL_NAME", "STEP"):
+        monkeypatch.setenv(name, "1")
+    env(**REQUIRED)
+    assert read_settings().NUM_EPOCHS == 1

@@ -15,7 +15,7 @@ from job.errors import DatasetInvalid, InputNotFound
 from job.logs import progress
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".jsonl.gz", ".json.gz", ".csv.gz")
-MAX_CONCURRENCY = 8  # parallel requests per transfer; botocore's connection pool holds 10
+MAX_CONCURRENCY = 8  # parallel requests per transfer (s3.py sizes botocore's connection pool for them)
 
 
 def is_s3(uri: str) -> bool:
@@ -110,10 +110,9 @@ class Storage:
         """Every file under uri downloaded or copied into dest, keeping relative paths; [] when there are none."""
         return self._backend(uri).copy_tree(uri, dest)
 
-    def put_tree(self, folder: Path, uri: str, skip: set[str] = frozenset()) -> None:
-        """Copies every file under folder to uri, keeping relative paths; names in skip stay behind."""
-        names = [p.relative_to(folder).as_posix() for p in files_under(folder)]
-        files = [(folder / name, join(uri, name)) for name in names if name not in skip]
+    def put_tree(self, folder: Path, uri: str) -> None:
+        """Copies every file under folder to uri, keeping relative paths."""
+        files = [(path, join(uri, path.relative_to(folder).as_posix())) for path in files_under(folder)]
         with progress(total=sum(p.stat().st_size for p, _ in files), unit="B", unit_scale=True, desc="upload") as bar:
             self._backend(uri).put_files(files, bar.update)
 

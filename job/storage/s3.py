@@ -108,7 +108,14 @@ class S3:
                 "s3",
                 endpoint_url=s.AWS_ENDPOINT_URL_S3 or s.AWS_ENDPOINT_URL,
                 config=Config(
-                    retries={"mode": "legacy", "total_max_attempts": attempts}, connect_timeout=10, read_timeout=120
+                    retries={"mode": "legacy", "total_max_attempts": attempts},
+                    connect_timeout=10,
+                    read_timeout=120,
+                    # A connection for each thread that may ask at once: the transfers' request threads, s3transfer's 5
+                    # submission threads (each HEADs a download first), and the main thread's, the lease's and the
+                    # checkpoint commit's own requests. botocore keeps 10 and drops any beyond, logging "Connection
+                    # pool is full" for each (a resumed run's checkpoint download).
+                    max_pool_connections=MAX_CONCURRENCY + 5 + 3,
                 ),
             )
         return self._client
