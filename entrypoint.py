@@ -94,7 +94,7 @@ def main() -> int:
     if all(is_s3(uri) or Path(uri).is_dir() for uri in models if uri) and not hub_data:
         # Nothing to fetch from the Hub: never wait on its retries (before huggingface_hub reads this, on import).
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if settings.DRY_RUN:  # its one question to the Hub is model.fetch_base's: no usage reports (TRL's, the Hub's)
+    if settings.DRY_RUN:  # it asks the Hub nothing (model.fetch_base): nor do usage reports (TRL's, the Hub's)
         os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     if launch.wanted(settings):
         return launch.torchrun(settings)

@@ -21,7 +21,6 @@ log = logging.getLogger(__name__)
 # in seconds; anything larger becomes a tiny random model of the same family.
 DRY_RUN_MAX_PARAMS = 50_000_000
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-DRY_RUN_HUB_TIMEOUT = 5  # seconds a dry run waits for its one question to the Hub: the whole run takes a minute
 TINY_SHAPE = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
               "num_key_value_heads": 2, "head_dim": 16}  # fmt: skip
 
@@ -30,7 +29,7 @@ TINY_SHAPE = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 12
 class Base:
     """Where the base model comes from. source: a local directory or Hub id (None: nothing reachable);
     tiny_config: set when a dry run trains a tiny random model of that configuration instead; cached_only: a dry run's
-    Hub id that the Hub did not answer for, whose files come from the Hub's cache (HF_HOME) or not at all."""
+    Hub id, whose files come from the Hub's cache (HF_HOME) or not at all."""
 
     source: str | None
     tiny_config: object = None
@@ -77,9 +76,9 @@ def fetch_base(settings, storage: Storage, device: Device, dest: Path) -> Base:
     if not settings.DRY_RUN:
         return Base(source)
     # A dry run needs nothing from the Hub: BASE_MODEL's configuration and tokenizer only make its tiny model one of
-    # the same family, with the same chat template. So it asks the Hub once, without huggingface_hub's retries (five
-    # per file, 1 to 8 s apart: 25 s and more where the Hub is out of reach), and without an answer reads the cache.
-    cached_only = source == uri and not Path(uri).is_dir() and not hub_answers(settings)
+    # the same family, with the same chat template. So a Hub id's come from the Hub's cache (HF_HOME) alone, never
+    # from a request (huggingface_hub retries each file five times, 1 to 8 s apart, where the Hub is out of reach).
+    cached_only = source == uri and not Path(uri).is_dir()
     config = _config(source, settings, cached_only)
     if config is None:
         log.info("dry run: BASE_MODEL's configuration is unreachable; a tiny Llama stands in")
@@ -93,19 +92,6 @@ def fetch_base(settings, storage: Storage, device: Device, dest: Path) -> Base:
         return Base(source)
     log.info("dry run: a tiny random %s stands in for BASE_MODEL", type(config).__name__)
     return Base(source, config, cached_only)
-
-
-def hub_answers(settings) -> bool:
-    """Whether the Hub answers for BASE_MODEL within DRY_RUN_HUB_TIMEOUT: one request (model_info makes no retries)."""
-    from huggingface_hub import HfApi
-
-    try:
-        HfApi().model_info(settings.BASE_MODEL, timeout=DRY_RUN_HUB_TIMEOUT, token=hub_token(settings))
-        return True
-    except Exception as exc:  # offline, out of reach, no such model, private: nothing more to ask the Hub
-        log.info("dry run: nothing from the Hub (%s); BASE_MODEL's files from its cache alone",
-                 hub_error(exc, settings, "model"))  # fmt: skip
-        return False
 
 
 def download(device: Device, storage: Storage, uri: str, dest: Path, keep) -> None:
