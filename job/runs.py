@@ -226,10 +226,8 @@ def write_failure(storage: Storage, out: str, record: dict, lease: Lease | None)
     (the attempt failed before taking it), only when nobody holds the run and it is not complete. Never raises: the
     store itself may be what failed."""
     uri, body = join(out, FAILURE), json.dumps(record, indent=2).encode() + b"\n"
-    try:
-        if lease is not None and not lease.held():
-            log.warning("not writing %s: this attempt no longer holds the run", uri)
-        elif lease is None and storage.exists(join(out, MANIFEST)):
+    try:  # a lease no longer held refuses the write itself (Lease.check), and the refusal is logged below
+        if lease is None and storage.exists(join(out, MANIFEST)):
             log.info("not writing %s: the run is complete", uri)
         elif not under(storage, out, lease, lambda held: held.put_bytes(body, uri)):
             log.info("not writing %s: another attempt holds the run", uri)
