@@ -31,6 +31,7 @@ from job import (
     publish,
     runs,
     samples,
+    templates,
     train,
 )
 from job.context import ADAPTER, CHECKPOINTS, CONFIG, Device, Run
@@ -226,7 +227,7 @@ def prepare_data(settings: Settings, run: Run, base: model.Base, inputs: Inputs)
     plan. It ends before any weight is loaded, so that a configuration that cannot fit exits 70 here, and a LORA_R
     above the model's layers or an export that could only merge into 4-bit weights 78."""
     tokenizer = model.load_tokenizer(settings, base, inputs.examples)
-    template = data.choose_template(tokenizer, settings.CHAT_TEMPLATE, inputs.format)
+    template = templates.choose(tokenizer, settings.CHAT_TEMPLATE, inputs.format)
     tokenizer.chat_template = template or tokenizer.chat_template
     train_rows, held_out = data.split(inputs.examples, settings.EVAL_FRACTION, settings.SEED)
     train_ds = data.tokenize(tokenizer, train_rows, settings.TRAIN_ON_RESPONSES_ONLY)
@@ -268,7 +269,7 @@ def summarize(
         backend=run.backend,
         world_size=run.device.world_size,
         base_model={"name": settings.BASE_MODEL, "loaded": base.describe()},
-        chat_template=settings.CHAT_TEMPLATE if prepared.template is None else data.template_name(prepared.template),
+        chat_template=settings.CHAT_TEMPLATE if prepared.template is None else templates.name(prepared.template),
         dataset={
             "uri": settings.DATASET_URI,
             "format": inputs.format,

@@ -23,23 +23,6 @@ log = logging.getLogger(__name__)
 ROWS_PER_WORKER = 2000
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
 
-# The Unsloth Llama-3 notebook's prompt, as a chat template so that multi-turn rows work too.
-ALPACA = (
-    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\\n\\n' }}{% set turns = messages[1:] %}"
-    "{% else %}{{ 'Below is an instruction that describes a task. Write a response that appropriately "
-    "completes the request.\\n\\n' }}{% set turns = messages %}{% endif %}"
-    "{% for m in turns %}{% if m['role'] == 'user' %}{{ '### Instruction:\\n' + m['content'] + '\\n\\n' }}"
-    "{% else %}{{ '### Response:\\n' + m['content'] + eos_token + '\\n\\n' }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"
-)
-# ChatML; assistant turns also end in EOS so that generation stops with tokenizers that lack <|im_end|>.
-CHATML = (
-    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' }}"
-    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-TEMPLATES = {"alpaca": ALPACA, "chatml": CHATML}
-
 
 def read_rows(source: str, path: Path) -> list[tuple[int, dict]]:
     """(line or row number, row) for every row of a .jsonl, .json, .csv or .parquet file, optionally .gz."""
@@ -179,21 +162,6 @@ def load_examples(files: list[tuple[str, Path]], dataset_format: str) -> tuple[l
                 raise DatasetInvalid(f"{source}:{number}: {exc} (format {fmt}): {fix}") from None
     log.info("%d rows from %d file(s)", len(examples), len(files), extra={"fields": {"rows": len(examples)}})
     return examples, fmt
-
-
-def choose_template(tokenizer, chat_template: str, fmt: str) -> str | None:
-    """The chat template to render chats with; None for raw text formats that need none of their own."""
-    if chat_template != "auto":
-        return TEMPLATES[chat_template]
-    if isinstance(tokenizer.chat_template, str):
-        return tokenizer.chat_template
-    if fmt in ("text", "prompt_completion"):
-        return None
-    return TEMPLATES["alpaca" if fmt == "alpaca" else "chatml"]
-
-
-def template_name(template: str) -> str:
-    return next((name for name, text in TEMPLATES.items() if text == template), "the tokenizer's own")
 
 
 def split(examples: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:

@@ -4,7 +4,7 @@ import json
 import pandas as pd
 import pytest
 
-from job import data
+from job import data, templates
 from job.errors import ConfigInvalid, DatasetInvalid
 from job.model import train_tokenizer
 
@@ -156,7 +156,7 @@ def masked_text(tokenizer, dataset, i=0):
 
 
 def test_only_responses_count_in_the_loss(tokenizer):
-    tokenizer.chat_template = data.TEMPLATES["alpaca"]
+    tokenizer.chat_template = templates.TEMPLATES["alpaca"]
     examples = [data.to_example(ROWS["alpaca"], "alpaca")]
     trained = masked_text(tokenizer, data.tokenize(tokenizer, examples, responses_only=True))
     assert trained.startswith("5</s>") and "Add" not in trained
@@ -165,7 +165,7 @@ def test_only_responses_count_in_the_loss(tokenizer):
 
 
 def test_every_assistant_turn_of_a_chat_is_trained(tokenizer):
-    tokenizer.chat_template = data.TEMPLATES["chatml"]
+    tokenizer.chat_template = templates.TEMPLATES["chatml"]
     turns = [{"role": "user", "content": "one"}, {"role": "assistant", "content": "first answer"},
              {"role": "user", "content": "two"}, {"role": "assistant", "content": "second answer"}]  # fmt: skip
     trained = masked_text(tokenizer, data.tokenize(tokenizer, [{"messages": turns}], responses_only=True))
@@ -181,12 +181,12 @@ def test_raw_completions_end_with_eos(tokenizer):
 
 def test_template_choice(tokenizer):
     tokenizer.chat_template = None
-    assert data.choose_template(tokenizer, "auto", "alpaca") == data.TEMPLATES["alpaca"]
-    assert data.choose_template(tokenizer, "auto", "sharegpt") == data.TEMPLATES["chatml"]
-    assert data.choose_template(tokenizer, "auto", "text") is None
+    assert templates.choose(tokenizer, "auto", "alpaca") == templates.TEMPLATES["alpaca"]
+    assert templates.choose(tokenizer, "auto", "sharegpt") == templates.TEMPLATES["chatml"]
+    assert templates.choose(tokenizer, "auto", "text") is None
     tokenizer.chat_template = "{{ messages[0]['content'] }}"
-    assert data.choose_template(tokenizer, "auto", "alpaca") == "{{ messages[0]['content'] }}"
-    assert data.choose_template(tokenizer, "chatml", "alpaca") == data.TEMPLATES["chatml"]
+    assert templates.choose(tokenizer, "auto", "alpaca") == "{{ messages[0]['content'] }}"
+    assert templates.choose(tokenizer, "chatml", "alpaca") == templates.TEMPLATES["chatml"]
 
 
 def test_a_template_that_cannot_render_is_a_configuration_error(tokenizer):
@@ -206,7 +206,7 @@ def test_split_holds_out_a_fraction_reproducibly():
 
 
 def test_sample_inputs_ask_for_the_last_answer(tokenizer):
-    tokenizer.chat_template = data.TEMPLATES["chatml"]
+    tokenizer.chat_template = templates.TEMPLATES["chatml"]
     [sample] = data.sample_inputs(tokenizer, [data.to_example(ROWS["sharegpt"], "sharegpt")])
     assert sample["prompt"] == "Hi" and sample["reference"] == "Hello!"
     assert sample["input"].endswith("<|im_start|>assistant\n") and "Hello!" not in sample["input"]
@@ -221,9 +221,9 @@ def test_bos_starts_every_sequence_once_when_the_tokenizer_adds_one():
         single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)]
     )
     assert tok("a")["input_ids"][0] == tok.bos_token_id
-    tok.chat_template = data.TEMPLATES["chatml"]
+    tok.chat_template = templates.TEMPLATES["chatml"]
     raw = data.tokenize(tok, [{"prompt": "hello", "completion": " there"}], responses_only=True)
-    tok.chat_template = "{{ bos_token }}" + data.TEMPLATES["chatml"]
+    tok.chat_template = "{{ bos_token }}" + templates.TEMPLATES["chatml"]
     chat = data.tokenize(tok, [data.to_example(ROWS["messages"], "messages")], responses_only=True)
     for dataset in (raw, chat):
         ids = dataset[0]["input_ids"]

@@ -76,7 +76,7 @@ def test_a_structured_task_is_learned_through_the_entry_point(tmp_path, small_mo
 @pytest.mark.parametrize("backend", ["hf", "unsloth"])  # hf first: importing unsloth patches this process
 def test_the_saved_adapter_answers_as_the_model_in_memory_and_only_lora_moves(tmp_path, small_model, backend):
     """In this process: train, then compare."""
-    from job import data, memory, model, samples, train
+    from job import data, memory, model, samples, templates, train
     from job.context import Device, Run
     from job.settings import Settings
 
@@ -87,7 +87,7 @@ def test_the_saved_adapter_answers_as_the_model_in_memory_and_only_lora_moves(tm
     run = Run.build(settings, backend, device, model.resolve_backend(settings, device))
     base = model.Base(str(small_model))
     tokenizer = model.load_tokenizer(settings, base, [])
-    tokenizer.chat_template = data.TEMPLATES["alpaca"]
+    tokenizer.chat_template = templates.TEMPLATES["alpaca"]
     examples = [data.to_example(row, "alpaca") for row in TASK]
     lm = model.load(settings, device, base, tokenizer, backend)
     named = dict(lm.named_parameters())
@@ -137,7 +137,7 @@ def test_packed_rows_stay_apart_in_bf16(tmp_path, small_model, backend):
     batch's loss is that of the same rows padded apart."""
     from trl import SFTTrainer
 
-    from job import data, memory, model, train
+    from job import data, memory, model, templates, train
     from job.context import Device, Run
     from job.settings import Settings
 
@@ -147,7 +147,7 @@ def test_packed_rows_stay_apart_in_bf16(tmp_path, small_model, backend):
     run = Run.build(settings, backend, device, model.resolve_backend(settings, device))
     base = model.Base(str(small_model))
     tokenizer = model.load_tokenizer(settings, base, [])
-    tokenizer.chat_template = data.TEMPLATES["alpaca"]
+    tokenizer.chat_template = templates.TEMPLATES["alpaca"]
     examples, _ = data.load_examples([("demo", ROOT / "demo" / "instructions.jsonl")], "alpaca")
     dataset = data.tokenize(tokenizer, examples, responses_only=True)
     lm = model.load(settings, device, base, tokenizer, backend)

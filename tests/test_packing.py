@@ -36,7 +36,7 @@ def per_token_losses(model, batch: dict) -> torch.Tensor:
 def test_packed_rows_train_as_if_alone(tiny_model_dir, tmp_path, monkeypatch, one_thread):
     from trl import SFTTrainer
 
-    from job import data, memory, model, train
+    from job import data, memory, model, templates, train
     from job.context import Device, Run
     from job.settings import Settings
 
@@ -53,7 +53,7 @@ def test_packed_rows_train_as_if_alone(tiny_model_dir, tmp_path, monkeypatch, on
     base = model.Base(str(tiny_model_dir))
     examples, _ = data.load_examples([("demo", DEMO_DATA)], "alpaca")
     tokenizer = model.load_tokenizer(settings, base, examples)
-    tokenizer.chat_template = data.TEMPLATES["alpaca"]
+    tokenizer.chat_template = templates.TEMPLATES["alpaca"]
     dataset = data.tokenize(tokenizer, examples, responses_only=True)
     lm = model.load(settings, device, base, tokenizer, "hf")
     torch.manual_seed(0)
