@@ -5,8 +5,10 @@
 #   docker run --gpus all --env-file .env --read-only --tmpfs /tmp:exec -v scratch:/scratch finetune-job:gpu
 # It writes only under /tmp and /scratch, so it runs with a read-only root filesystem, as uid 10001.
 
-# The OS the job runs on. The GPU default is NVIDIA's minimal CUDA image: torch's wheels carry the CUDA
-# libraries, the base adds the driver hooks (NVIDIA_* variables). Any Debian or Ubuntu with Python 3.11+ works.
+# The OS the job runs on. The GPU default is NVIDIA's minimal image of CUDA 13.0, the CUDA of the lock's torch
+# 2.11.0: torch's wheels carry the CUDA libraries; the base adds the driver requirement (NVIDIA_REQUIRE_CUDA: an R580
+# driver, or R535 to R575 on a data-center GPU) and cuda-compat-13-0 for the latter (README: GPU drivers). Any Debian
+# or Ubuntu with Python 3.11+ works (docs/image.md: a build on Ubuntu 24.04 made with debootstrap).
 ARG BASE_IMAGE=nvidia/cuda:13.0.2-base-ubuntu24.04
 FROM ${BASE_IMAGE}
 

@@ -41,8 +41,19 @@ lock:  # uses .venv's uv, not setup: setup installs from these files
 	$(BIN)/uv pip compile -q pyproject.toml requirements/cpu.in --extra dev -c requirements/cpu.txt $(TORCH_SOURCE) \
 	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 --no-emit-find-links --no-emit-index-url \
 	  -o requirements/dev.txt
-	# Universal: the GPU image's Python is Ubuntu 24.04's 3.12, the proof build's Debian 12's 3.11.
+	# Universal: the GPU image's Python is Ubuntu 24.04's 3.12; Debian 12's 3.11 and other bases install it too.
 	$(BIN)/uv pip compile -q pyproject.toml --extra gpu --universal --python-version 3.11 -o requirements/gpu.txt
+
+# The GPU set as wheels for a machine without a package index (README: Air-gapped clusters): its Python, and the
+# packages it already has or does not need (e.g. `pip list --format=freeze | cut -d= -f1` run there).
+WHEELHOUSE ?= .gpu-wheels
+WHEELHOUSE_PYTHON ?= 3.12
+WHEELHOUSE_EXCLUDE ?=
+
+.PHONY: wheelhouse  ## download requirements/gpu.txt as wheels for an offline machine, less WHEELHOUSE_EXCLUDE
+wheelhouse: setup
+	$(BIN)/python tools/wheelhouse.py --out $(WHEELHOUSE) --python-version $(WHEELHOUSE_PYTHON) \
+	  $(if $(strip $(WHEELHOUSE_EXCLUDE)),--exclude $(strip $(WHEELHOUSE_EXCLUDE)))
 
 .PHONY: demo  ## dry-run the job end to end against a local S3 server on the bundled sample data
 demo: setup

@@ -52,7 +52,23 @@ def test_the_dev_set_is_the_cpu_set_plus_tools():
 def test_gpu_set_is_unsloths_range():
     gpu = pins("gpu.txt")
     assert gpu["unsloth"] == {"2026.10.9"} and gpu["trl"] == {"1.14.2"} and gpu["transformers"] == {"5.17.0"}
-    assert gpu["torch"] == {"2.10.0"} and gpu["xformers"] == {"0.0.35"} and "bitsandbytes" in gpu
+    assert gpu["torch"] == {"2.11.0"} and gpu["triton"] == {"3.6.0"} and gpu["xformers"] == {"0.0.35"}
+    # PyPI's xformers 0.0.35 is a CUDA 12.8 build: beside CUDA 13's torch it needs CUDA 12's runtime library.
+    assert gpu["nvidia-cuda-runtime-cu12"] == {"12.8.90"} and "nvidia-cudnn-cu13" in gpu and "bitsandbytes" in gpu
+
+
+def test_gpu_set_is_the_stack_the_benchmarks_measured():
+    """The GPU lock pins what the newest docs/benchmarks.md heading that names a package measured (the heading's
+    torch 2.11.0+cu130 is what PyPI's torch 2.11.0 reports as its version: its CUDA 13.0 build)."""
+    gpu = pins("gpu.txt")
+    headings = re.findall(r"^## (.*)$", (ROOT / "docs" / "benchmarks.md").read_text(), flags=re.M)
+    stack = r"\b(torch|triton|xformers|unsloth|trl|transformers|bitsandbytes) (\d[\w.]*)"
+    measured = {}
+    for heading in reversed(headings):  # newest first in the file: the newest wins
+        measured |= dict(re.findall(stack, heading))
+    assert {"torch", "triton", "unsloth"} <= measured.keys(), f"docs/benchmarks.md headings name no stack: {headings}"
+    for name, version in measured.items():
+        assert gpu[name] == {version}, f"requirements/gpu.txt pins {name} {gpu[name]}, the benchmarks ran {version}"
 
 
 def test_make_help_lists_every_target():
