@@ -59,9 +59,9 @@ wheelhouse: setup
 demo: setup
 	$(BIN)/python demo/run.py
 
-.PHONY: test  ## run the test suite (CPU; starts its own S3 server)
+.PHONY: test  ## run the test suite on every core (CPU; starts its own S3 server)
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n auto --dist loadgroup tests
 
 .PHONY: test-image  ## run the dry run inside the CPU image, read-only as uid 10001 (after make image-cpu)
 test-image: setup
@@ -92,6 +92,10 @@ run-local:
 .PHONY: bench-dry-run  ## time the dry run on 1,000 rows (the contract: under two minutes on two cores)
 bench-dry-run: setup
 	$(BIN)/python bench/dry_run.py
+
+.PHONY: bench-data  ## the data stage on CPU: 3,000,000 rows' memory and tokenizing rate, a restart, the dry run on 300,000
+bench-data: setup
+	$(BIN)/python bench/data_scale.py
 
 .PHONY: bench  ## GPU benchmark: unsloth vs hf, 1B and 8B shapes, multi-GPU scaling, the whole job on Alpaca-like rows (on a GPU host)
 bench:

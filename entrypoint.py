@@ -48,9 +48,11 @@ CLASSES = {1: "unexpected", 65: "dataset_invalid", 66: "input_not_found", 70: "o
 
 @dataclass(frozen=True)
 class Inputs:
-    """What rank 0 read: the dataset's rows and format, the sample prompts, and the dataset files' hashes."""
+    """What the inputs stage read: the dataset's rows (Arrow files on this node's scratch volume, memory-mapped) and
+    their folder, their format, the sample prompts, and the dataset files' hashes."""
 
-    examples: list[dict]
+    rows: object  # datasets.Dataset of examples (data.to_example)
+    folder: Path
     format: str
     sample_prompts: list[dict]
     files: list[dict]
@@ -146,7 +148,7 @@ def attempt(settings: Settings, storage: Storage, run: Run, config: dict, lease:
     with logs.stage("resume", timings):
         resume = start_attempt(settings, storage, run, config, lease)
     with logs.stage("inputs", timings):
-        inputs = distributed.share(device, lambda: read_inputs(settings, storage, run.scratch))
+        inputs = read_inputs(settings, storage, run, config[runs.DATASET_FILES])
         base = model.fetch_base(settings, storage, device, run.scratch / "base_model")
     with logs.stage("data", timings):
         prepared = prepare_data(settings, run, base, inputs)
@@ -226,14 +228,15 @@ def prepare_data(settings: Settings, run: Run, base: model.Base, inputs: Inputs)
     """The data stage: the tokenizer and its template, the rows split and tokenized, the sample inputs, and the batch
     plan. It ends before any weight is loaded, so that a configuration that cannot fit exits 70 here, and a LORA_R
     above the model's layers or an export that could only merge into 4-bit weights 78."""
-    tokenizer = model.load_tokenizer(settings, base, inputs.examples)
+    rows = inputs.rows
+    train_rows, held_out = data.split(len(rows), settings.EVAL_FRACTION, settings.SEED)
+    # A tokenizer learned from the data (a dry run's, when BASE_MODEL's is out of reach) learns from a sample.
+    tokenizer = model.load_tokenizer(settings, base, rows.select(train_rows[: data.DRY_RUN_ROWS]).to_list())
     template = templates.choose(tokenizer, settings.CHAT_TEMPLATE, inputs.format)
     tokenizer.chat_template = template or tokenizer.chat_template
-    train_rows, held_out = data.split(inputs.examples, settings.EVAL_FRACTION, settings.SEED)
-    train_ds = data.tokenize(tokenizer, train_rows, settings.TRAIN_ON_RESPONSES_ONLY)
-    lengths = data.check_lengths(train_ds, settings.MAX_SEQ_LENGTH)
-    eval_ds = data.tokenize(tokenizer, held_out, settings.TRAIN_ON_RESPONSES_ONLY) if held_out else None
-    prompt_rows = inputs.sample_prompts or (held_out or train_rows)[: settings.NUM_SAMPLE_PROMPTS]
+    train_ds, eval_ds, lengths = tokenize_rows(settings, run, inputs.folder, rows, tokenizer, train_rows, held_out)
+    asked = held_out if len(held_out) else train_rows
+    prompt_rows = inputs.sample_prompts or rows.select(asked[: settings.NUM_SAMPLE_PROMPTS]).to_list()
     exporting = settings.EXPORT == "merged_16bit"
     model_config = model.config_of(base, settings)  # read once: the LORA_R bound, the plan and the export read it
     quantized = getattr(model_config, "quantization_config", None) is not None  # a pre-quantized checkpoint
@@ -249,6 +252,32 @@ def prepare_data(settings: Settings, run: Run, base: model.Base, inputs: Inputs)
     )  # fmt: skip
     return Data(tokenizer, template, train_ds, eval_ds, len(train_rows), len(held_out), lengths,
                 data.sample_inputs(tokenizer, prompt_rows), quantized, plan)  # fmt: skip
+
+
+def tokenize_rows(settings: Settings, run: Run, folder: Path, rows, tokenizer, train_rows, held_out) -> tuple:
+    """The training and held-out rows tokenized, and the training rows' data.check_lengths: once per run, by one rank
+    per node into the run's scratch folder beside the rows, where a restarted attempt finds them; every rank maps
+    the files. A dry run tokenizes a random sample of data.DRY_RUN_ROWS training rows (its steps read a few) and
+    estimates the counts from it."""
+    device, responses_only, max_seq_length = run.device, settings.TRAIN_ON_RESPONSES_ONLY, settings.MAX_SEQ_LENGTH
+    train, held = train_rows, held_out
+    if run.dry_run:
+        train, held = train_rows[: data.DRY_RUN_ROWS], held_out[: data.DRY_RUN_EVAL_ROWS]
+    tokens = data.tokens_folder(folder, tokenizer, responses_only, settings.EVAL_FRACTION, settings.SEED,
+                                max_seq_length, len(train), len(held))  # fmt: skip
+    distributed.together(
+        device,
+        lambda: data.tokenize_split(tokenizer, rows, train, held, responses_only, max_seq_length, tokens),
+        here=device.local_zero,
+    )
+    train_ds, eval_ds, lengths = data.open_tokens(tokens)
+    sampled = len(train) < len(train_rows)
+    lengths = data.estimate(lengths, len(train_rows)) if sampled else lengths | {"estimated_from": None}
+    estimated = f" (estimated from {len(train)} of them)" if sampled else ""
+    fields = {"truncated_rows": lengths["truncated"], "truncated_rows_estimated_from": lengths["estimated_from"]}
+    log.info("%d of %d training rows are longer than MAX_SEQ_LENGTH=%d%s", lengths["truncated"], len(train_rows),
+             max_seq_length, estimated, extra={"fields": fields})  # fmt: skip
+    return train_ds, eval_ds, lengths
 
 
 def summarize(
@@ -273,10 +302,11 @@ def summarize(
         dataset={
             "uri": settings.DATASET_URI,
             "format": inputs.format,
-            "rows": len(inputs.examples),
+            "rows": len(inputs.rows),
             "train_rows": prepared.train_rows,
             "eval_rows": prepared.eval_rows,
             "truncated_rows": prepared.lengths["truncated"],
+            "truncated_rows_estimated_from": prepared.lengths["estimated_from"],  # rows; None: every row counted
             "rows_without_trained_tokens": prepared.lengths["no_trained_tokens"],
             "train_tokens": prepared.lengths["tokens"],
             "train_loss_tokens": prepared.lengths["loss_tokens"],
@@ -288,6 +318,8 @@ def summarize(
         attempts=runs.attempts(storage, run),
         checkpoints=checkpoints.committed_steps(storage, run),
         checkpoint_upload_seconds=uploader.seconds,
+        grace_period_needed_seconds=uploader.grace_needed,
+        termination_grace_period_seconds=uploader.grace_to_set,
     )
 
 
@@ -307,18 +339,28 @@ def stop_early(run: Run, uploader) -> int:
     )
 
 
-def read_inputs(settings: Settings, storage: Storage, scratch: Path) -> Inputs:
-    """The dataset's rows and format, the sample prompts, and the dataset files' identity (rank 0's reads)."""
-    data_files = storage.locate(settings.DATASET_URI, scratch / "dataset")
+def read_inputs(settings: Settings, storage: Storage, run: Run, listing: list[dict]) -> Inputs:
+    """The dataset's rows, validated into Arrow files on each node's scratch volume by its local rank 0 (the other
+    ranks wait, then map them), unless an earlier attempt left them there; rank 0's sample prompts."""
+    device, folder = run.device, data.rows_folder(run.scratch, listing, settings.DATASET_FORMAT)
+
+    def build() -> None:
+        if data.rows_built(folder):
+            log.info("inputs: reusing the rows of %s read by an earlier attempt from %s", settings.DATASET_URI, folder)
+        else:
+            files = storage.locate(settings.DATASET_URI, run.scratch / "dataset")
+            data.build_rows(files, settings.DATASET_FORMAT, folder)
+
+    distributed.together(device, build, here=device.local_zero)
+    rows, info = data.open_rows(folder)
     prompts = settings.SAMPLE_PROMPTS_URI
-    prompt_files = storage.locate(prompts, scratch / "prompts") if prompts else []
-    examples, fmt = data.load_examples(data_files, settings.DATASET_FORMAT)
-    return Inputs(
-        examples=examples,
-        format=fmt,
-        sample_prompts=[row for source, path in prompt_files for row in data.read_sample_prompts(source, path, fmt)],
-        files=[publish.describe_file(path, source) for source, path in data_files],
-    )
+
+    def read_prompts() -> list[dict]:
+        files = storage.locate(prompts, run.scratch / "prompts")
+        return [row for source, path in files for row in data.read_sample_prompts(source, path, info["format"])]
+
+    sample_prompts = distributed.share(device, read_prompts) if prompts else []
+    return Inputs(rows, folder, info["format"], sample_prompts, info["files"])
 
 
 def make_stage_dir(settings: Settings, stage: Path) -> None:

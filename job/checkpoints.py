@@ -5,10 +5,12 @@ whose files match their marker is resumed from.
 
 Uploads run in a background thread, so training goes on while the files travel; the newest CHECKPOINT_KEEP
 committed checkpoints are kept, older ones deleted once a newer marker has landed. Two failed in a row stop training.
+The first commit of an attempt logs the grace period that a SIGTERM needs (grace_period).
 """
 
 import json
 import logging
+import math
 import queue
 import re
 import shutil
@@ -46,6 +48,15 @@ def restore(storage: Storage, run: Run, step: int) -> Path | None:
     return folder
 
 
+def grace_period(step: float, save: float, upload: float) -> tuple[float, int]:
+    """The seconds from a SIGTERM to its committed checkpoint, when it comes as a step begins (that step, its save,
+    its upload), and a terminationGracePeriodSeconds that covers them: twice that, for a slower step or upload than
+    these, and 10 s to write failure.json, release the lease and exit (2.8 s on the 8B shape, docs/benchmarks.md),
+    rounded up to ten seconds."""
+    needed = step + save + upload
+    return round(needed, 1), 10 * math.ceil((2 * needed + 10) / 10)
+
+
 def newest(storage: Storage, run: Run) -> tuple[int, Path] | tuple[None, None]:
     """The newest committed checkpoint that downloads intact, as (step, local folder)."""
     for step in reversed(committed_steps(storage, run)):
@@ -67,11 +78,15 @@ class Uploader:
         self.seconds: list[float] = []  # upload time per checkpoint
         self.error: Exception | None = None  # the last checkpoint's, until one commits
         self.failures: list[int] = []  # steps that failed since the last commit
+        self.grace_needed: float | None = None  # grace_period at this attempt's first commit
+        self.grace_to_set: int | None = None
         self._queue: queue.Queue = queue.Queue()
         threading.Thread(target=self._work, name="checkpoint-upload", daemon=True).start()
 
-    def submit(self, folder: Path, step: int) -> None:
-        self._queue.put((folder, step))
+    def submit(self, folder: Path, step: int, step_seconds: float, save_seconds: float) -> None:
+        """step_seconds, save_seconds: the longest step so far and this checkpoint's save, which a SIGTERM waits for
+        before the upload (grace_period)."""
+        self._queue.put((folder, step, step_seconds, save_seconds))
 
     @property
     def broken(self) -> Exception | None:
@@ -94,10 +109,12 @@ class Uploader:
 
     def _work(self) -> None:
         while True:
-            folder, step = self._queue.get()
+            folder, step, step_seconds, save_seconds = self._queue.get()
             try:
                 self._commit(folder, step)
                 self.error, self.failures = None, []
+                if self.grace_needed is None:
+                    self._announce_grace(step_seconds, save_seconds, self.seconds[-1])
             except Exception as exc:  # raised in the main thread by drain(), or by training through broken
                 self.error = exc
                 self.failures.append(step)
@@ -106,6 +123,15 @@ class Uploader:
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
                 self._queue.task_done()
+
+    def _announce_grace(self, step: float, save: float, upload: float) -> None:
+        self.grace_needed, self.grace_to_set = grace_period(step, save, upload)
+        fields = {"grace_period_needed_seconds": self.grace_needed, "step_seconds": round(step, 3),
+                  "save_seconds": round(save, 3), "upload_seconds": round(upload, 3),
+                  "termination_grace_period_seconds": self.grace_to_set}  # fmt: skip
+        log.info("a SIGTERM needs about %.1f s to commit (a step of %.1f s, its save of %.1f s and an upload of %.1f "
+                 "s): give the pod terminationGracePeriodSeconds of at least %d", self.grace_needed, step, save,
+                 upload, self.grace_to_set, extra={"fields": fields})  # fmt: skip
 
     def _commit(self, folder: Path, step: int) -> None:
         start, uri, lease = time.perf_counter(), self.run.uri(CHECKPOINTS, f"step-{step}"), self.lease

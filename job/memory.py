@@ -2,7 +2,8 @@
 micro-batch, accumulation and activation checkpointing that use the GPU while keeping the effective batch.
 
 The estimate is weights + LoRA state + tokens x (activations + LM head), with two constants per backend fitted
-to peaks measured on an H200 (docs/benchmarks.md, "real data"); `make bench` prints it beside each measured peak.
+to peaks measured on an H200 (docs/benchmarks.md, "real data"); `make bench` prints it beside each measured peak,
+and tests/memory_peaks.json keeps every measured case that tests/test_memory.py checks it against.
 The same shape bounds LORA_R, with or without a GPU.
 """
 
@@ -20,6 +21,11 @@ GIB = 2**30
 # and loss. Fitted per backend to the measured peaks (docs/benchmarks.md, "real data").
 ACTIVATION = {"unsloth": 1.46, "hf": 2.73}
 HEAD = {"unsloth": 0.19, "hf": 0.19}
+# Bytes a token keeps per element of a query or key norm's input (Qwen3 and Gemma 3 normalise each head's q_proj
+# and k_proj output): a copy of that output beside the normalised one, which is not in the linear widths. unsloth's
+# kernel keeps it in bf16 (unsloth/kernels/rms_layernorm.py saves X, W and the inverse RMS); transformers' RMSNorm
+# keeps it upcast to fp32. Without this, Qwen3-8B's peak was 12% above the estimate (tests/memory_peaks.json).
+QK_NORM = {"unsloth": 2, "hf": 4}
 # The CUDA context's workspace, the allocator's rounding and kernels' scratch.
 OVERHEAD = int(0.5 * GIB)
 # Bytes per LoRA parameter for the optimizer's state (the weights and gradients are fp32: 8 more).
@@ -41,6 +47,7 @@ class Shape:
     hidden: int
     width: int  # one layer's linear widths (in + out features, summed), and LORA_R for each adapted one
     vocab: int
+    qk_normed: int  # one layer's projection outputs that a norm takes as input (Qwen3's q_norm and k_norm)
 
 
 @dataclass(frozen=True)
@@ -64,7 +71,8 @@ def shape(config, settings) -> Shape:
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+    modules = dict(model.named_modules())
+    linears = [(n, m) for n, m in modules.items() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
     linear = sum(m.weight.numel() for _, m in linears)
     targets = set(settings.LORA_TARGET_MODULES)
     adapted = [m for n, m in linears if n.rsplit(".", 1)[-1] in targets]
@@ -80,6 +88,8 @@ def shape(config, settings) -> Shape:
         # An adapted layer also keeps its input times A (LORA_R values a token) for B's gradient.
         width=(sum(m.in_features + m.out_features for _, m in linears) + settings.LORA_R * len(adapted)) // layers,
         vocab=text.vocab_size,
+        # A norm named after a projection (q_norm beside q_proj) takes that projection's output as its input.
+        qk_normed=sum(m.out_features for n, m in linears if n.removesuffix("_proj") + "_norm" in modules) // layers,
     )
 
 
@@ -102,7 +112,8 @@ def estimate(shape: Shape, settings, backend: str, tokens: int, checkpointing: b
     weights = shape.linear * (0.53 if settings.LOAD_IN_4BIT else 2) + shape.other * 2  # NF4 + double-quant scales
     lora = shape.lora * (8 + OPTIMIZER_BYTES[settings.OPTIMIZER])
     stored = 1 if checkpointing else shape.layers  # layers whose activations are held at once
-    per_token = stored * shape.width * ACTIVATION[backend] + shape.vocab * HEAD[backend]
+    per_token = stored * (shape.width * ACTIVATION[backend] + shape.qk_normed * QK_NORM[backend])
+    per_token += shape.vocab * HEAD[backend]
     if checkpointing and backend == "hf":  # the trainer's checkpointing keeps each layer's input on the GPU
         per_token += shape.layers * shape.hidden * 2
     return int(weights + lora + tokens * per_token + OVERHEAD)

@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from job import distributed
+from job import distributed, kernels
 from job.context import Device
 from job.errors import ConfigInvalid, InputNotFound, first_line
 from job.storage import Storage, hub_token, is_s3
@@ -56,6 +56,7 @@ def resolve_backend(settings, device: Device) -> str:
         if any(problems):
             raise ConfigInvalid("; ".join(p for p in problems if p) + " (or DRY_RUN=true)")
     if backend == "unsloth":
+        kernels.load_cuda_runtime()  # before xformers loads (in unsloth's import): its kernels need CUDA 12's runtime
         import unsloth  # noqa: F401  before transformers and trl are used, so that its patches apply
     return backend
 

@@ -33,6 +33,8 @@ class Summary:
     attempts: list[dict]
     checkpoints: list[int]  # committed steps at publish; deleted once the manifest is written
     checkpoint_upload_seconds: list[float]  # this attempt's, one per checkpoint
+    grace_period_needed_seconds: float | None  # checkpoints.grace_period at this attempt's first commit
+    termination_grace_period_seconds: int | None
 
 
 def write_outputs(stage: Path, summary: Summary, samples: list[dict], config: dict) -> None:
@@ -40,6 +42,8 @@ def write_outputs(stage: Path, summary: Summary, samples: list[dict], config: di
     (stage / "samples.jsonl").write_text("".join(json.dumps(row) + "\n" for row in samples))
     metrics = asdict(summary.metrics) | {
         "checkpoint_upload_seconds": summary.checkpoint_upload_seconds,
+        "grace_period_needed_seconds": summary.grace_period_needed_seconds,
+        "termination_grace_period_seconds": summary.termination_grace_period_seconds,
         "seconds_per_stage": summary.timings,
         "attempts": summary.attempts,
     }
@@ -93,10 +97,12 @@ def manifest(stage: Path, summary: Summary, image_version: str | None) -> dict:
         "completed_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "dataset": summary.dataset,
         "base_model": summary.base_model,
+        "chat_template": summary.chat_template,
         "backend": summary.backend,
         "world_size": summary.world_size,
         "training": {
             "packing": summary.metrics.packing,
+            "attention": summary.metrics.attention,
             "micro_batch": summary.metrics.micro_batch,
             "grad_accum": summary.metrics.grad_accum,
             "activation_checkpointing": summary.metrics.activation_checkpointing,

@@ -24,7 +24,12 @@ def render(summary, samples: list[dict], config: dict) -> str:
         f"- **Dataset:** `{dataset['uri']}`: {dataset['rows']} rows in {len(dataset['files'])} file(s), "
         f"format {dataset['format']}, {dataset['train_rows']} for training, {dataset['eval_rows']} held out; "
         f"{dataset['truncated_rows']} training rows cut at MAX_SEQ_LENGTH, {dataset['rows_without_trained_tokens']} "
-        "of them with no response token left",
+        "of them with no response token left"
+        + (
+            f" (estimated from {dataset['truncated_rows_estimated_from']} rows: a dry run tokenizes a sample)"
+            if dataset.get("truncated_rows_estimated_from")
+            else ""
+        ),
         f"- **Chat template:** {summary.chat_template}",
         "",
         "## Training",
@@ -37,8 +42,8 @@ def render(summary, samples: list[dict], config: dict) -> str:
         f"{_num(m.peak_gpu_memory_gib)} |",
         "",
         f"Each step: {m.micro_batch * m.grad_accum} sequences per GPU x {summary.world_size} GPU(s), as "
-        f"micro-batches of {m.micro_batch} x {m.grad_accum} accumulated; packing {m.packing}; activation checkpointing "
-        f"{'on' if m.activation_checkpointing else 'off'}"
+        f"micro-batches of {m.micro_batch} x {m.grad_accum} accumulated; packing {m.packing}; attention {m.attention}; "
+        f"activation checkpointing {'on' if m.activation_checkpointing else 'off'}"
         + (
             f"; peak GPU memory estimated at {m.estimated_peak_gpu_memory_gib} GiB before loading"
             if m.estimated_peak_gpu_memory_gib
@@ -51,7 +56,14 @@ def render(summary, samples: list[dict], config: dict) -> str:
             if config["TRAIN_ON_RESPONSES_ONLY"]
             else "loss: all of them (TRAIN_ON_RESPONSES_ONLY=false)"
         )
-        + "; first step: seconds from the process's start.",
+        + "; first step: seconds from the process's start."
+        + (
+            f" A SIGTERM needs about {summary.grace_period_needed_seconds} s to commit a checkpoint (the longest step,"
+            f" a save, an upload): give the pod terminationGracePeriodSeconds of at least "
+            f"{summary.termination_grace_period_seconds}."
+            if summary.grace_period_needed_seconds is not None
+            else ""
+        ),
         "",
         "![loss against step](loss.png)",
         "",

@@ -3,6 +3,7 @@
 import logging
 from pathlib import Path
 
+from job import templates
 from job.logs import progress
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ def _generate(model, tokenizer, texts: list[str], max_new_tokens: int, desc: str
     import torch
 
     tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
+    stop = templates.end_of_turn(tokenizer)  # EOS and the template's end-of-turn token (Llama 3 base: <|eot_id|>)
     outputs = []
     for start in progress(iterable=range(0, len(texts), BATCH), desc=desc, unit="batch"):
         batch = tokenizer(texts[start : start + BATCH], return_tensors="pt", padding=True, add_special_tokens=False)
@@ -47,7 +49,7 @@ def _generate(model, tokenizer, texts: list[str], max_new_tokens: int, desc: str
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=stop,
             )
         new_tokens = generated[:, batch["input_ids"].shape[1] :]
         outputs += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)

@@ -109,8 +109,10 @@ class Settings(BaseSettings):
     # Data
     DATASET_FORMAT: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text"] = "auto"
     """Row format; auto detects it from the columns and logs what it chose."""
-    CHAT_TEMPLATE: Literal["auto", "alpaca", "chatml"] = "auto"
-    """auto: the tokenizer's own template, else alpaca for instruction data and chatml for chats."""
+    CHAT_TEMPLATE: Literal["auto", "alpaca", "chatml", "llama3", "qwen3", "gemma3", "mistral", "phi4", "gptoss"] = (
+        "auto"
+    )
+    """auto: the tokenizer's own template, else alpaca for instruction data and chatml for chats; a name: that one."""
     TRAIN_ON_RESPONSES_ONLY: bool = True
     """Leave prompt tokens out of the loss."""
     EVAL_FRACTION: float = Field(default=0.0, ge=0, lt=1)

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from job import distributed, logs, preemption
+from job import distributed, kernels, logs, preemption
 from job.context import ADAPTER, TENSORBOARD, TRAIN_LOG, Run
 from job.errors import AccessDenied, ConfigInvalid, TemporaryFailure, first_line, redact
 
@@ -34,6 +34,7 @@ class Metrics:
     train_seconds: float
     seconds_to_first_step: float | None  # from the process's start: what a (re)started pod waits
     packing: str
+    attention: str  # the kernel the batches ran on (kernels.py): packed rows' cost depends on it
     micro_batch: int
     grad_accum: int
     activation_checkpointing: bool
@@ -114,6 +115,9 @@ def train(
     # step_log prints progress itself: as log lines in JSON mode, as one tqdm bar in text mode.
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
+    attention = kernels.attention(run.backend, trainer.padding_free, trainer.model)
+    if run.device.rank_zero:
+        kernels.announce(attention)
     with preemption.deferred():
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     stopped = stop.stopped
@@ -141,6 +145,7 @@ def train(
         train_seconds=round(runtime, 3),
         seconds_to_first_step=step_log.first_step_seconds,
         packing=packing_mode(trainer),
+        attention=attention,
         micro_batch=plan.micro_batch,
         grad_accum=plan.grad_accum,
         activation_checkpointing=plan.checkpointing,
@@ -221,18 +226,29 @@ def lifecycle(run: Run, uploader, lease, step_log, board=None):
     with 75 when this attempt no longer holds the run (its lease) or two checkpoints in a row failed to commit. It
     hands each saved checkpoint with the step log (and TensorBoard events) so far to the uploader (rank 0), with
     every rank's RNG state (other nodes write theirs to their own disk), and times how long each save held
-    training up."""
+    training up and each step took (from the end of the step or save before), which a SIGTERM may wait for."""
     from transformers import TrainerCallback
 
     class Lifecycle(TrainerCallback):
         def __init__(self):
             self.stopped, self.stalls, self.save_started = False, [], None
+            self.steps, self.since = [], time.perf_counter()
+
+        def longest_step(self) -> float:
+            """The longest step of this attempt but its first (compilation, allocator warm-up), when there is one."""
+            return max(self.steps[1:] or self.steps or [0.0])
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.since = time.perf_counter()
 
         def fault(self) -> Exception | None:
             refusal = lease.refusal() if lease is not None else None
             return refusal or (uploader.broken if uploader is not None else None)
 
         def on_step_end(self, args, state, control, **kwargs):
+            now = time.perf_counter()
+            self.steps.append(now - self.since)
+            self.since = now
             fault = self.fault()
             # 2: stop with an error, 1: stop with a checkpoint; every rank takes the highest.
             stop = distributed.most(run.device, 2 if fault else 1 if preemption.requested() else 0)
@@ -245,8 +261,10 @@ def lifecycle(run: Run, uploader, lease, step_log, board=None):
             self.save_started = time.perf_counter() if control.should_save else None
 
         def on_save(self, args, state, control, **kwargs):
+            stall = 0.0
             if self.save_started is not None:
-                self.stalls.append(round(time.perf_counter() - self.save_started, 3))
+                stall = round(time.perf_counter() - self.save_started, 3)
+                self.stalls.append(stall)
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             states = distributed.gather_files(run.device, sorted(folder.glob("rng_state*.pth")))
             if run.device.local_zero and not run.device.rank_zero:  # rank 0 uploads its copy, with this node's RNG
@@ -259,7 +277,8 @@ def lifecycle(run: Run, uploader, lease, step_log, board=None):
                 if board is not None and board.tb_writer is not None:  # the events so far, for the next attempt
                     board.tb_writer.flush()
                     shutil.copytree(run.stage / TENSORBOARD, folder / TENSORBOARD, dirs_exist_ok=True)
-                uploader.submit(folder, state.global_step)
+                uploader.submit(folder, state.global_step, self.longest_step(), stall)
+            self.since = time.perf_counter()  # the next step starts after the save
 
     return Lifecycle()
 

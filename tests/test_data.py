@@ -1,4 +1,5 @@
 import gzip
+import hashlib
 import json
 
 import pandas as pd
@@ -150,6 +151,80 @@ def test_a_forced_format_that_fails_on_rows_of_another_says_which(tmp_path):
             data.load_examples([("chats.jsonl", path)], "alpaca")
 
 
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [('{"text": "ok"}\n\n{"text": broken}\n', r"b.jsonl:3: invalid JSON .*: fix or remove the line$"),
+     ('{"text": "ok"}\n{"text": 4}\n', r"b.jsonl:2: column 'text' must be a non-empty string, got 4 \(format text\)"),
+     ('{"text": "ok"}\n[1]\n', r"b.jsonl:2: a row must be a JSON object, got list"),
+     ("\n", r"b.jsonl: no rows: remove the file or fill it")],
+)  # fmt: skip
+def test_rows_streamed_into_arrow_name_the_file_and_line_of_a_bad_row(tmp_path, content, problem):
+    """The job's path: datasets' generator builder wraps what the rows' reader raises; the job's own error comes out,
+    and the folder is not taken as built."""
+    (tmp_path / "a.jsonl").write_text(json.dumps(ROWS["text"]) + "\n")
+    (tmp_path / "b.jsonl").write_text(content)
+    files = [(f"s3://b/{name}", tmp_path / name) for name in ("a.jsonl", "b.jsonl")]
+    folder = tmp_path / "data" / "rows-x"
+    with pytest.raises(DatasetInvalid, match=problem):
+        data.build_rows(files, "auto", folder)
+    assert not data.rows_built(folder)
+
+
+def test_rows_are_written_to_arrow_once_and_read_back(tmp_path):
+    rows = [{"instruction": f"Say {i}", "input": "", "output": str(i), "system": "Be brief." if i % 2 else ""}
+            for i in range(30)]  # fmt: skip
+    pd.DataFrame(rows[:10]).to_parquet(tmp_path / "a.parquet")
+    (tmp_path / "b.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows[10:]).encode()))
+    files = [(f"s3://b/{p.name}", p) for p in (tmp_path / "a.parquet", tmp_path / "b.jsonl.gz")]
+    folder = data.rows_folder(tmp_path / "run", [{"uri": "s3://b/", "etag": "1"}], "auto")
+    stale = data.rows_folder(tmp_path / "run", [{"uri": "s3://b/", "etag": "0"}], "auto")  # the dataset before
+    stale.mkdir(parents=True)
+    data.build_rows(files, "auto", folder)
+    assert data.rows_built(folder) and not stale.exists()
+    arrow, info = data.open_rows(folder)
+    assert arrow.to_list() == data.load_examples(files, "auto")[0] and len(arrow) == 30
+    assert arrow.cache_files and all(str(f["filename"]).startswith(str(folder)) for f in arrow.cache_files)
+    assert info["format"] == "alpaca" and info["rows"] == 30
+    assert [f["path"] for f in info["files"]] == ["s3://b/a.parquet", "s3://b/b.jsonl.gz"]
+    assert info["files"][1]["sha256"] == hashlib.sha256((tmp_path / "b.jsonl.gz").read_bytes()).hexdigest()
+    assert arrow[1]["messages"][0] == {"role": "system", "content": "Be brief."} and len(arrow[0]["messages"]) == 2
+
+
+def test_tokenized_rows_are_kept_under_a_key_of_what_changes_them_and_reused(tokenizer, tmp_path, caplog):
+    tokenizer.chat_template = templates.TEMPLATES["alpaca"]
+    files = [("d.jsonl", tmp_path / "d.jsonl")]
+    files[0][1].write_text("".join(json.dumps(ROWS["alpaca"] | {"input": str(i)}) + "\n" for i in range(12)))
+    rows_folder = tmp_path / "data" / "rows-x"
+    data.build_rows(files, "auto", rows_folder)
+    rows, _ = data.open_rows(rows_folder)
+    folder = data.tokens_folder(rows_folder, tokenizer, True, 2048)
+    assert folder == data.tokens_folder(rows_folder, tokenizer, True, 2048)
+    assert folder != data.tokens_folder(rows_folder, tokenizer, False, 2048)
+    train, held = data.split(len(rows), 0.25, seed=1)
+    data.tokenize_split(tokenizer, rows, train, held, True, 2048, folder)
+    train_ds, eval_ds, lengths = data.open_tokens(folder)
+    assert (len(train_ds), len(eval_ds)) == (9, 3) and lengths == data.check_lengths(train_ds, 2048)
+    assert train_ds[0] == data.tokenize(tokenizer, [rows[int(train[0])]], True)[0]
+    written = (folder / data.TOKENS_INFO).stat().st_mtime_ns
+    with caplog.at_level("INFO"):
+        data.tokenize_split(tokenizer, rows, train, held, True, 2048, folder)
+    assert f"data: reusing the tokenized rows of an earlier attempt from {folder}" in caplog.messages
+    assert (folder / data.TOKENS_INFO).stat().st_mtime_ns == written
+    tokenizer.chat_template = templates.TEMPLATES["chatml"]
+    other = data.tokens_folder(rows_folder, tokenizer, True, 2048)
+    assert other != folder
+    data.tokenize_split(tokenizer, rows, train, held[:0], True, 2048, other)
+    assert data.open_tokens(other)[1] is None and not folder.exists(), "one tokenized set per run is kept"
+
+
+def test_a_samples_counts_are_scaled_to_the_rows_it_was_drawn_from():
+    sample = {"rows": 2000, "truncated": 3, "no_trained_tokens": 1, "longest": 900, "tokens": 400_000,
+              "loss_tokens": 100_000}  # fmt: skip
+    assert data.estimate(sample, 300_000) == {"rows": 300_000, "truncated": 450, "no_trained_tokens": 150,
+                                              "longest": 900, "tokens": 60_000_000, "loss_tokens": 15_000_000,
+                                              "estimated_from": 2000}  # fmt: skip
+
+
 def masked_text(tokenizer, dataset, i=0):
     ids, mask = dataset[i]["input_ids"], dataset[i]["assistant_masks"]
     return tokenizer.decode([t for t, m in zip(ids, mask) if m])
@@ -196,13 +271,14 @@ def test_a_template_that_cannot_render_is_a_configuration_error(tokenizer):
 
 
 def test_split_holds_out_a_fraction_reproducibly():
-    examples = [{"prompt": "", "completion": str(i)} for i in range(20)]
-    train, held = data.split(examples, 0.25, seed=1)
+    train, held = data.split(20, 0.25, seed=1)
     assert (len(train), len(held)) == (15, 5)
-    assert data.split(examples, 0.25, seed=1) == (train, held)
-    assert sorted(e["completion"] for e in train + held) == sorted(e["completion"] for e in examples)
+    again = data.split(20, 0.25, seed=1)
+    assert (again[0].tolist(), again[1].tolist()) == (train.tolist(), held.tolist())
+    assert sorted(train.tolist() + held.tolist()) == list(range(20)) and train.tolist() != sorted(train.tolist())
+    assert data.split(20, 0.25, seed=2)[1].tolist() != held.tolist()
     with pytest.raises(DatasetInvalid, match="EVAL_FRACTION"):
-        data.split(examples[:1], 0.5, seed=1)
+        data.split(1, 0.5, seed=1)
 
 
 def test_sample_inputs_ask_for_the_last_answer(tokenizer):

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import signal
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
@@ -84,6 +85,8 @@ def test_dry_run_publishes_the_full_layout_for_every_format(run_job, s3, bucket,
     assert len(samples) == 3 and all({"prompt", "response", "base_response", "reference"} <= s.keys() for s in samples)
     metrics = json.loads(files["metrics.json"])
     assert metrics["steps"] == 3 and metrics["eval_loss"] > 0 and metrics["tokens"] > 0
+    # PACKING=true: the hf backend's padding-free rows, told apart by position_ids (test_kernels.py)
+    assert metrics["attention"] == manifest["training"]["attention"] == "SDPA with a block-diagonal mask"
     assert set(metrics["seconds_per_stage"]) == {"resume", "inputs", "data", "model", "train", "samples"}
     assert f"{fmt}" in files["report.md"].decode() and files["loss.png"].startswith(b"\x89PNG")
     steps = [json.loads(line) for line in files["train_log.jsonl"].decode().splitlines()]
@@ -113,6 +116,40 @@ def test_rerun_of_a_complete_run_exits_at_once_and_writes_nothing(run_job, s3, b
     assert "already complete" in again.stderr
     assert not any(line["stage"] == "train" for line in log_lines(again))
     assert {o["Key"]: o["LastModified"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]} == before
+
+
+def test_a_restarted_attempt_reuses_its_rows_and_tokens_and_a_dry_run_labels_its_estimates(
+    start_job, run_job, s3, bucket, tmp_path
+):
+    """A dry run of more rows than it tokenizes (data.DRY_RUN_ROWS: 2,000) estimates the length counts from those, and
+    says so; stopped by SIGTERM after its first step, the next attempt on the same scratch volume reads and tokenizes
+    nothing again, and resumes."""
+    rows = [{**DEMO_ROWS[i % len(DEMO_ROWS)], "input": f"(#{i})"} for i in range(2100)]
+    env = {"DRY_RUN": "true", "DATASET_URI": put(s3, bucket, "d.jsonl", jsonl(rows)), "RUN_ID": "restarted",
+           "OUTPUT_URI": f"s3://{bucket}/runs"}  # fmt: skip
+    first = start_job(env)
+    for line in first.stderr:
+        if '"message": "step 1/3 loss' in line:
+            first.send_signal(signal.SIGTERM)
+            break
+    first.communicate(timeout=120)
+    assert first.returncode == 143
+    [tokens] = (tmp_path / "scratch" / "restarted" / "data").glob("tokens-*/tokens.json")
+    written = tokens.stat().st_mtime_ns
+    result = run_job(env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    messages = [line["message"] for line in log_lines(result)]
+    assert any(m.startswith(f"inputs: reusing the rows of {env['DATASET_URI']} read by an earlier attempt from ")
+               for m in messages)  # fmt: skip
+    assert f"data: reusing the tokenized rows of an earlier attempt from {tokens.parent}" in messages
+    assert not any(m.endswith(" rows from 1 file(s)") for m in messages) and tokens.stat().st_mtime_ns == written
+    assert [line["resumed_from_step"] for line in log_lines(result) if "resumed_from_step" in line] in ([1], [2])
+    [counted] = [m for m in messages if "longer than MAX_SEQ_LENGTH" in m]
+    assert counted.endswith(" of 2100 training rows are longer than MAX_SEQ_LENGTH=2048 (estimated from 2000 of them)")
+    _, files = run_outputs(s3, bucket, result)
+    dataset = json.loads(files["manifest.json"])["dataset"]
+    assert (dataset["rows"], dataset["train_rows"], dataset["truncated_rows_estimated_from"]) == (2100, 2100, 2000)
+    assert "(estimated from 2000 rows: a dry run tokenizes a sample)" in files["report.md"].decode()
 
 
 def test_a_run_that_failed_then_succeeds_keeps_no_failure_record(run_job, s3, bucket):
@@ -145,6 +182,7 @@ def test_real_cpu_training_from_an_s3_model_learns(run_job, s3, bucket, tiny_mod
     assert metrics["steps"] == 30
     assert metrics["final_loss"] < 0.3 * metrics["first_loss"], metrics
     assert json.loads(files["manifest.json"])["dry_run"] is False
+    assert json.loads(files["manifest.json"])["dataset"]["truncated_rows_estimated_from"] is None, "every row counted"
     assert json.loads(files["manifest.json"])["base_model"]["loaded"].endswith("base_model")
     weights = _safetensors(files["adapter/adapter_model.safetensors"])
     lora_b = [w for name, w in weights.items() if "lora_B" in name]

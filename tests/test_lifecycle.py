@@ -65,6 +65,11 @@ def at_step(step: int):
     return lambda line: line["message"].startswith(f"step {step}/")
 
 
+def grace_lines(lines: list[dict]) -> list[dict]:
+    """The log lines that tell the grace period a SIGTERM needs (at an attempt's first commit)."""
+    return [line for line in lines if line["message"].startswith("a SIGTERM needs about")]
+
+
 def resumed_from(lines: list[dict]) -> int | None:
     return next((line["resumed_from_step"] for line in lines if "resumed_from_step" in line), None)
 
@@ -409,8 +414,23 @@ def test_ctrl_c_commits_and_exits_130_and_a_second_one_stops_at_once(start_job, 
     assert failure["step"] >= 2 and failure["step"] in committed(s3, bucket, "ctrl-c")
     errors = [line["message"] for line in lines if line["level"] == "error"]
     assert len(errors) == 1 and errors[0].startswith(f"stopped by SIGINT; the checkpoint of step {failure['step']}")
+    assert len(grace_lines(lines)) == 1, "the stop's commit is the attempt's first: it tells the grace period"
     code, lines = watch(start_job(env), lambda line: False, everything=everything)
     assert code == 0 and resumed_from(lines) == failure["step"], lines[-5:]
+    # The resumed attempt committed steps 4 and 8: the first tells the grace period once, as metrics.json and
+    # the report do.
+    [grace] = grace_lines(lines)
+    objects = read_objects(s3, bucket, "runs/ctrl-c/")
+    metrics = json.loads(objects["runs/ctrl-c/metrics.json"])
+    assert metrics["grace_period_needed_seconds"] == grace["grace_period_needed_seconds"] > 0, grace
+    assert grace["grace_period_needed_seconds"] == pytest.approx(
+        grace["step_seconds"] + grace["save_seconds"] + grace["upload_seconds"], abs=0.06
+    )
+    assert grace["upload_seconds"] == metrics["checkpoint_upload_seconds"][0]
+    to_set = grace["termination_grace_period_seconds"]
+    assert metrics["termination_grace_period_seconds"] == to_set >= 2 * metrics["grace_period_needed_seconds"] + 10
+    assert grace["message"].endswith(f"terminationGracePeriodSeconds of at least {to_set}")
+    assert f"terminationGracePeriodSeconds of at least {to_set}." in objects["runs/ctrl-c/report.md"].decode()
 
     process = start_job(env | {"RUN_ID": "ctrl-c-twice", "AWS_ENDPOINT_URL_S3": faulty_s3.endpoint})
 

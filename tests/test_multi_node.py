@@ -9,7 +9,7 @@ import time
 import pytest
 
 from bench.multi_node import node_environments, render, start_nodes
-from tests.conftest import job_environment, jsonl, put, read_objects
+from tests.conftest import free_port, job_environment, jsonl, put, read_objects
 
 ROWS = [{"instruction": "Reverse the word.", "input": w, "output": w[::-1]} for w in ["alpha", "bravo", "echo"] * 8]
 
@@ -29,8 +29,11 @@ def nodes(tmp_path, s3_endpoint, s3, bucket, tiny_model_dir):
                     "MAX_STEPS": "4", "PER_DEVICE_BATCH_SIZE": "2", "GRAD_ACCUM_STEPS": "1", "PACKING": "false",
                     "NUM_SAMPLE_PROMPTS": "1", "MAX_NEW_TOKENS": "2", "CHECKPOINT_EVERY_STEPS": "0",
                     **settings}  # fmt: skip
-        processes = start_nodes(node_environments(docs, settings, tmp_path), job_environment(tmp_path, s3_endpoint, {}),
-                                tmp_path / "logs", gpus=False)  # fmt: skip
+        # Node 0's rendezvous on a free port rather than the manifest's: tests running beside these (pytest-xdist)
+        # must not meet them there.
+        port = free_port()
+        envs = [env | {"RDZV_ENDPOINT": f"localhost:{port}"} for env in node_environments(docs, settings, tmp_path)]
+        processes = start_nodes(envs, job_environment(tmp_path, s3_endpoint, {}), tmp_path / "logs", gpus=False)
         log_0, deadline = tmp_path / "logs" / "node-0.log", time.monotonic() + 300
         while stop_at and time.monotonic() < deadline and f'"step {stop_at}/' not in log_0.read_text():
             time.sleep(0.1)
@@ -43,7 +46,7 @@ def nodes(tmp_path, s3_endpoint, s3, bucket, tiny_model_dir):
     return run
 
 
-def test_both_nodes_train_each_fetches_the_model_and_rank_0_alone_publishes(nodes, s3, bucket, tmp_path):
+def test_both_nodes_train_each_fetches_the_model_and_the_rows_and_rank_0_alone_publishes(nodes, s3, bucket, tmp_path):
     (code_0, log_0), (code_1, log_1) = nodes({"DATASET_URI": put(s3, bucket, "d.jsonl", jsonl(ROWS))})
     assert (code_0, code_1) == (0, 0), (log_0[-3:], log_1[-3:])
     # Only rank 0 logs past the start (other ranks log warnings and errors); a world of 2 is both nodes in.
@@ -56,8 +59,27 @@ def test_both_nodes_train_each_fetches_the_model_and_rank_0_alone_publishes(node
     assert len(publishers) == 1, "rank 0 alone publishes"
     for node in ("node-0", "node-1"):  # each node's local rank 0 fetched the model to its own disk
         assert list((tmp_path / node).rglob("base_model/config.json")), f"{node} has no copy of the base model"
+    # ... and the dataset, which it read into Arrow and tokenized there, once: no rank sends rows to another.
+    for kind in ("dataset/d.jsonl", "data/rows-*/rows.json", "data/tokens-*/tokens.json"):
+        found = [path.relative_to(tmp_path).parts for path in tmp_path.rglob(kind)]
+        assert sorted(parts[0] for parts in found) == ["node-0", "node-1"], found
+        assert len({parts[1:] for parts in found}) == 1, f"the nodes' {kind} differ in name: {found}"
     manifests = [key for key in read_objects(s3, bucket, "runs/") if key.endswith("/manifest.json")]
     assert len(manifests) == 1 and manifests[0].startswith("runs/finetune-"), manifests
+
+
+def test_one_rank_per_node_reads_and_tokenizes_the_rows_and_the_other_maps_them(nodes, s3, bucket, tmp_path):
+    """Two ranks per node: each node's local rank 0 reads the dataset into Arrow and tokenizes it; the other rank
+    waits, then maps those files. Counted by datasets' progress bars, which text logs show, one per process that
+    builds (transformers' weight-loading bar, one per rank, shows that both ranks ran)."""
+    results = nodes({"DATASET_URI": put(s3, bucket, "d.jsonl", jsonl(ROWS)), "NPROC_PER_NODE": "2",
+                     "LOG_FORMAT": "text"})  # fmt: skip
+    assert [code for code, _ in results] == [0, 0]
+    for index in (0, 1):
+        log = (tmp_path / "logs" / f"node-{index}.log").read_text()
+        assert log.count("Loading weights:   0%") == 2, f"node {index} ran two ranks"
+        built = log.count("Generating train split: 0 examples"), log.count("tokenize:   0%")
+        assert built == (1, 1), f"node {index}: rows read {built[0]} times, tokenized {built[1]} times"
 
 
 def test_a_dataset_error_exits_65_on_both_nodes(nodes, s3, bucket):
