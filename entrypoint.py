@@ -230,8 +230,9 @@ def prepare_data(settings: Settings, run: Run, base: model.Base, inputs: Inputs)
     above the model's layers or an export that could only merge into 4-bit weights 78."""
     rows = inputs.rows
     train_rows, held_out = data.split(len(rows), settings.EVAL_FRACTION, settings.SEED)
-    # A tokenizer learned from the data (a dry run's, when BASE_MODEL's is out of reach) learns from a sample.
-    tokenizer = model.load_tokenizer(settings, base, rows.select(train_rows[: data.DRY_RUN_ROWS]).to_list())
+    # A tokenizer learned from the data (a dry run's, when BASE_MODEL's is out of reach) learns from a sample: a view
+    # of the rows, read only then.
+    tokenizer = model.load_tokenizer(settings, base, rows.select(train_rows[: data.DRY_RUN_ROWS]))
     template = templates.choose(tokenizer, settings.CHAT_TEMPLATE, inputs.format)
     tokenizer.chat_template = template or tokenizer.chat_template
     train_ds, eval_ds, lengths = tokenize_rows(settings, run, inputs.folder, rows, tokenizer, train_rows, held_out)

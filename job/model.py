@@ -137,7 +137,7 @@ def hub_error(exc: Exception, settings, what: str) -> Exception:
     )
 
 
-def load_tokenizer(settings, base: Base, examples: list[dict]):
+def load_tokenizer(settings, base: Base, examples):
     from transformers import AutoTokenizer
 
     tokenizer = None
@@ -156,8 +156,9 @@ def load_tokenizer(settings, base: Base, examples: list[dict]):
     return tokenizer
 
 
-def train_tokenizer(examples: list[dict], vocab_size: int = 2000):
-    """A small byte-level BPE tokenizer learned from the rows, for dry runs with no reachable tokenizer."""
+def train_tokenizer(examples, vocab_size: int = 2000):
+    """A small byte-level BPE tokenizer learned from the rows (a list of examples, or a datasets.Dataset of them), for
+    dry runs with no reachable tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
