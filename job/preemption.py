@@ -26,6 +26,9 @@ def install() -> None:
 
 
 def _on_signal(signum, frame) -> None:
+    # Nothing here writes: the signal may come while this thread is inside a write to stderr, where a log line from
+    # the handler fails ("reentrant call inside BufferedWriter") and is lost. A thread writes it once the handler
+    # returns and the interrupted write is done.
     name, first = signal.Signals(signum).name, not _requested.is_set()
     if first:
         _requested_at[0], _received[0] = time.monotonic(), name
@@ -34,17 +37,28 @@ def _on_signal(signum, frame) -> None:
         # passes a second Ctrl-C on to the ranks as SIGTERM. A second SIGTERM alone (Kubernetes) keeps committing.
         # os._exit, not an exception: the upload threads would hold the exit, and releasing the lease needs the
         # store; the next attempt takes the lease over once LEASE_SECONDS pass without renewal.
-        log.error("%s after %s: stopped at once, without committing a checkpoint: the next attempt resumes from the "
-                  "last committed one once LEASE_SECONDS have passed", name, _received[0])  # fmt: skip
-        os._exit(130)
+        _say(log.error, "%s after %s: stopped at once, without committing a checkpoint: the next attempt resumes from "
+             "the last committed one once LEASE_SECONDS have passed", name, _received[0], then_exit=130)  # fmt: skip
+        return
     _requested.set()
     if _deferred.is_set():
         if first:
             again = " (Ctrl-C again to stop at once, without it)" if name == "SIGINT" else ""
-            log.warning("%s: stopping at the next step boundary to commit a checkpoint%s", name, again)
+            _say(log.warning, "%s: stopping at the next step boundary to commit a checkpoint%s", name, again)
         return
-    log.warning("%s: stopping now", name)
+    _say(log.warning, "%s: stopping now", name)
     raise stopped(" outside training: the next attempt resumes from the last checkpoint")
+
+
+def _say(level, message: str, *args, then_exit: int | None = None) -> None:
+    """Logs from a new thread (then ends the process with then_exit, if given)."""
+
+    def say():
+        level(message, *args)
+        if then_exit is not None:
+            os._exit(then_exit)
+
+    threading.Thread(target=say, name="signal").start()
 
 
 def stopped(detail: str = "", **fields) -> Preempted:

@@ -7,6 +7,7 @@ an uninterrupted one number for number.
 
 import hashlib
 import json
+import os
 import random
 import signal
 import subprocess
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 
-from tests.conftest import DEMO_DATA, FaultyProxy, error_line, jsonl, log_lines, put, read_objects
+from tests.conftest import DEMO_DATA, ROOT, FaultyProxy, error_line, jsonl, log_lines, put, read_objects
 
 ROWS = [json.loads(line) for line in DEMO_DATA.read_text().splitlines()][:48]
 STEPS = 24
@@ -467,3 +468,36 @@ def test_a_resumed_run_says_nothing_of_a_full_connection_pool_or_a_dataset_witho
     assert code == 143 and resumed_from(lines) >= 3, lines[-5:]
     assert "Connection pool is full" not in "".join(everything)
     assert "The used dataset had no length" not in "".join(everything)
+
+
+SIGNAL_DURING_A_WRITE = """
+import logging, sys
+from job import logs, preemption
+logs.setup("json")
+preemption.install()
+with preemption.deferred():
+    print("ready", flush=True)
+    for n in range(2000):  # 200 kB: the pipe fills, and a write waits in the kernel when the signal comes
+        logging.getLogger("job.train").info("line %d %s", n, "x" * 100)
+    print("requested" if preemption.requested() else "not requested", flush=True)
+"""
+
+
+def test_a_signal_during_a_blocked_write_to_stderr_still_gets_its_line(tmp_path):
+    """SIGTERM while the job's write to stderr waits on a full pipe (a slow log reader): the handler's write there
+    failed ("reentrant call inside BufferedWriter"), losing the line that tells the step boundary is awaited."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stderr buffered, as in a container
+    child = subprocess.Popen([sys.executable, "-c", SIGNAL_DURING_A_WRITE], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert child.stdout.readline() == "ready\n"
+    wchan = Path(f"/proc/{child.pid}/wchan")
+    for _ in range(600):  # until the child has filled the pipe's 64 kB and waits in the kernel
+        if "pipe_write" in wchan.read_text():
+            break
+        time.sleep(0.05)
+    child.send_signal(signal.SIGTERM)
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == 0 and out == "requested\n", err[-2000:]
+    assert "Logging error" not in err and "Traceback" not in err, err[-2000:]
+    warnings = [json.loads(raw)["message"] for raw in err.splitlines() if '"level": "warning"' in raw]
+    assert warnings == ["SIGTERM: stopping at the next step boundary to commit a checkpoint"], err[-2000:]
