@@ -483,7 +483,7 @@ with preemption.deferred():
 """
 
 
-def test_a_signal_during_a_blocked_write_to_stderr_still_gets_its_line(tmp_path):
+def test_a_signal_during_a_blocked_write_to_stderr_still_gets_its_line():
     """SIGTERM while the job's write to stderr waits on a full pipe (a slow log reader): the handler's write there
     failed ("reentrant call inside BufferedWriter"), losing the line that tells the step boundary is awaited."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stderr buffered, as in a container
