@@ -422,12 +422,18 @@ def tokenize(tokenizer, rows, responses_only: bool, cache_file: Path | None = No
         return {"input_ids": encoded["input_ids"], "assistant_masks": masks}
 
     rows = Dataset.from_list(rows) if isinstance(rows, list) else rows
-    workers = min(cores(), len(rows) // ROWS_PER_WORKER)
     # int32 ids and int8 masks: 5 bytes a token on disk, against 16 as Python's ints would have them.
     tokens = Features({"input_ids": List(Value("int32")), "assistant_masks": List(Value("int8"))})
-    return rows.map(encode, batched=True, remove_columns=rows.column_names, num_proc=workers if workers > 1 else None,
+    return rows.map(encode, batched=True, remove_columns=rows.column_names, num_proc=workers(len(rows)),
                     features=tokens, cache_file_name=cache_file and str(cache_file),
                     new_fingerprint=cache_file and digest(str(cache_file)), desc="tokenize")  # fmt: skip
+
+
+def workers(rows: int) -> int | None:
+    """The processes a map over rows takes (datasets' num_proc): one per ROWS_PER_WORKER rows, up to cores(); None
+    (this process) for one."""
+    count = min(cores(), rows // ROWS_PER_WORKER)
+    return count if count > 1 else None
 
 
 def cores() -> int:

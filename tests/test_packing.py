@@ -1,6 +1,8 @@
 """PACKING=true keeps rows apart: the job's own trainer configuration (TRL's bfd packing and its padding-free
 collator) on a tiny Llama with LoRA, checked on one packed batch from the trainer's own dataloader, on CPU."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -121,3 +123,44 @@ def test_packed_rows_train_as_if_alone(tiny_model_dir, tmp_path, monkeypatch, on
     for broken in ({"attention_mask": ones}, {"position_ids": arange}):
         moved = per_token_losses(lm, changed | broken)[0] - per_token_losses(lm, batch | broken)[0]
         assert moved[others].abs().max() > 1, sorted(broken)
+
+
+def test_trl_labels_and_packs_a_large_set_in_worker_processes_as_it_would_in_one(tiny_model_dir, tmp_path,
+                                                                                  monkeypatch):  # fmt: skip
+    """TRL's preparation (labels, then packing) runs in Python at about 100 us a row: the job gives it a worker per
+    data.ROWS_PER_WORKER rows, up to the cores, and the packed set is the one a single process makes."""
+    from datasets import Dataset, load_from_disk
+    from trl import SFTTrainer
+
+    from job import data, memory, model, train
+    from job.context import Device, Run
+    from job.settings import Settings
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(data, "cores", lambda: 2)
+    settings = Settings(
+        DATASET_URI="x", OUTPUT_URI="y", BASE_MODEL=str(tiny_model_dir), SCRATCH_DIR=str(tmp_path), PACKING=True,
+        TRAIN_BACKEND="hf", LOAD_IN_4BIT=False, OPTIMIZER="adamw_torch", DRY_RUN=False, MAX_SEQ_LENGTH=256,
+    )  # fmt: skip
+    device = Device.detect(settings)
+    run = Run.build(settings, "workers", device, "hf")
+    tokenizer = model.load_tokenizer(settings, model.Base(str(tiny_model_dir)), [])
+    lm = model.load(settings, device, model.Base(str(tiny_model_dir)), tokenizer, "hf")
+    count = 2 * data.ROWS_PER_WORKER
+    lengths = [8 + (n * 37) % 120 for n in range(count)]
+    rows = {"input_ids": [[5 + (n + i) % 50 for i in range(k)] for n, k in enumerate(lengths)],
+            "assistant_masks": [[0] * (k // 3) + [1] * (k - k // 3) for k in lengths]}  # fmt: skip
+    packed = {}
+    for rows_given in (count, 0):  # the job's count, then one process (as before)
+        Dataset.from_dict(rows).save_to_disk(tmp_path / f"tokens-{rows_given}")
+        tokens = load_from_disk(tmp_path / f"tokens-{rows_given}")  # memory-mapped, as the job's token files are
+        config = train.sft_config(settings, run, memory.plan(settings, device, "hf", None, 0), False, rows_given)
+        trainer = SFTTrainer(model=lm, args=config, train_dataset=tokens, processing_class=tokenizer)
+        packed[rows_given] = trainer.train_dataset
+    assert config.dataset_num_proc is None and train.sft_config(settings, run, memory.plan(
+        settings, device, "hf", None, 0), False, count).dataset_num_proc == 2  # fmt: skip
+    shards = {Path(f["filename"]).name.rsplit("_", 3)[-3:] == ["00001", "of", "00002.arrow"]
+              for f in packed[count].cache_files}  # fmt: skip
+    assert True in shards, [f["filename"] for f in packed[count].cache_files]
+    assert sum(map(len, packed[count]["input_ids"])) == sum(map(len, packed[0]["input_ids"])) == sum(lengths)
+    assert sum(label != -100 for row in packed[count]["labels"] for label in row) == sum(k - k // 3 for k in lengths)
