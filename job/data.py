@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 # Rendering (the chat template) and tokenizing take 0.4 to 0.7 ms a row a core (docs/benchmarks.md, 2026-12-04);
 # a worker process costs about a second.
 ROWS_PER_WORKER = 2000
+# TRL packs each worker's share of the rows apart (best fit in batches of 1,000), so the packs change with the
+# worker count: it is fixed by the rows alone, never by the machine, and an attempt resumed on another node trains
+# the same sequences in the same order.
+PACKING_WORKERS = 8
 # A dry run tokenizes this many training rows, drawn at random: its steps' rows, and the sample that its length
 # counts are estimated from; and at most DRY_RUN_EVAL_ROWS held-out rows (each evaluation reads them all).
 DRY_RUN_ROWS = 2000
@@ -429,10 +433,10 @@ def tokenize(tokenizer, rows, responses_only: bool, cache_file: Path | None = No
                     new_fingerprint=cache_file and digest(str(cache_file)), desc="tokenize")  # fmt: skip
 
 
-def workers(rows: int) -> int | None:
-    """The processes a map over rows takes (datasets' num_proc): one per ROWS_PER_WORKER rows, up to cores(); None
-    (this process) for one."""
-    count = min(cores(), rows // ROWS_PER_WORKER)
+def workers(rows: int, most: int | None = None) -> int | None:
+    """The processes a map over rows takes (datasets' num_proc): one per ROWS_PER_WORKER rows, up to most (default:
+    cores()); None (this process) for one."""
+    count = min(cores() if most is None else most, rows // ROWS_PER_WORKER)
     return count if count > 1 else None
 
 

@@ -83,9 +83,9 @@ def sft_config(settings, run: Run, plan, has_eval: bool, rows: int = 0):
         report_to=[name for name in settings.REPORT_TO if name in ("wandb", "mlflow")] or "none",
         run_name=run.id,
         ddp_find_unused_parameters=False,
-        # TRL labels (and packs) the tokenized rows at the start of training, in Python, about 100 us a row: 1M rows
-        # take minutes in one process. Cached beside the tokens, once per run.
-        dataset_num_proc=data.workers(rows),
+        # TRL labels and packs the tokenized rows at the start of training, in Python, about 100 us a row: 1M rows
+        # took minutes in one process. Cached beside the tokens, once per run. (None: unsloth picks a count.)
+        dataset_num_proc=data.workers(rows, most=data.PACKING_WORKERS),
     )
 
 

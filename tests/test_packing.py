@@ -1,6 +1,7 @@
 """PACKING=true keeps rows apart: the job's own trainer configuration (TRL's bfd packing and its padding-free
 collator) on a tiny Llama with LoRA, checked on one packed batch from the trainer's own dataloader, on CPU."""
 
+import random
 from pathlib import Path
 
 import pytest
@@ -125,10 +126,11 @@ def test_packed_rows_train_as_if_alone(tiny_model_dir, tmp_path, monkeypatch, on
         assert moved[others].abs().max() > 1, sorted(broken)
 
 
-def test_trl_labels_and_packs_a_large_set_in_worker_processes_as_it_would_in_one(tiny_model_dir, tmp_path,
-                                                                                  monkeypatch):  # fmt: skip
+def test_trl_packs_a_large_set_in_workers_and_the_same_on_any_machine(tiny_model_dir, tmp_path, monkeypatch):
     """TRL's preparation (labels, then packing) runs in Python at about 100 us a row: the job gives it a worker per
-    data.ROWS_PER_WORKER rows, up to the cores, and the packed set is the one a single process makes."""
+    data.ROWS_PER_WORKER rows, up to data.PACKING_WORKERS. TRL packs each worker's share apart, so the packs change
+    with the count (one process packs otherwise): a node of 1 core and one of 64 must pack the same sequences, or an
+    attempt resumed on the other would skip batches it never trained."""
     from datasets import Dataset, load_from_disk
     from trl import SFTTrainer
 
@@ -137,7 +139,6 @@ def test_trl_labels_and_packs_a_large_set_in_worker_processes_as_it_would_in_one
     from job.settings import Settings
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(data, "cores", lambda: 2)
     settings = Settings(
         DATASET_URI="x", OUTPUT_URI="y", BASE_MODEL=str(tiny_model_dir), SCRATCH_DIR=str(tmp_path), PACKING=True,
         TRAIN_BACKEND="hf", LOAD_IN_4BIT=False, OPTIMIZER="adamw_torch", DRY_RUN=False, MAX_SEQ_LENGTH=256,
@@ -146,21 +147,23 @@ def test_trl_labels_and_packs_a_large_set_in_worker_processes_as_it_would_in_one
     run = Run.build(settings, "workers", device, "hf")
     tokenizer = model.load_tokenizer(settings, model.Base(str(tiny_model_dir)), [])
     lm = model.load(settings, device, model.Base(str(tiny_model_dir)), tokenizer, "hf")
-    count = 2 * data.ROWS_PER_WORKER
-    lengths = [8 + (n * 37) % 120 for n in range(count)]
+    count = int(2.6 * data.ROWS_PER_WORKER)  # two workers' shares, not a multiple of datasets' batch of 1,000
+    lengths = [random.Random(n).randint(5, 200) for n in range(count)]
     rows = {"input_ids": [[5 + (n + i) % 50 for i in range(k)] for n, k in enumerate(lengths)],
             "assistant_masks": [[0] * (k // 3) + [1] * (k - k // 3) for k in lengths]}  # fmt: skip
     packed = {}
-    for rows_given in (count, 0):  # the job's count, then one process (as before)
-        Dataset.from_dict(rows).save_to_disk(tmp_path / f"tokens-{rows_given}")
-        tokens = load_from_disk(tmp_path / f"tokens-{rows_given}")  # memory-mapped, as the job's token files are
+    for cores, rows_given in ((1, count), (64, count), (64, 0)):  # the job's count on two machines; one process
+        monkeypatch.setattr(data, "cores", lambda: cores)
+        Dataset.from_dict(rows).save_to_disk(tmp_path / f"tokens-{cores}-{rows_given}")
+        tokens = load_from_disk(tmp_path / f"tokens-{cores}-{rows_given}")  # memory-mapped, as the job's files are
         config = train.sft_config(settings, run, memory.plan(settings, device, "hf", None, 0), False, rows_given)
+        assert config.dataset_num_proc == (2 if rows_given else None)
         trainer = SFTTrainer(model=lm, args=config, train_dataset=tokens, processing_class=tokenizer)
-        packed[rows_given] = trainer.train_dataset
-    assert config.dataset_num_proc is None and train.sft_config(settings, run, memory.plan(
-        settings, device, "hf", None, 0), False, count).dataset_num_proc == 2  # fmt: skip
-    shards = {Path(f["filename"]).name.rsplit("_", 3)[-3:] == ["00001", "of", "00002.arrow"]
-              for f in packed[count].cache_files}  # fmt: skip
-    assert True in shards, [f["filename"] for f in packed[count].cache_files]
-    assert sum(map(len, packed[count]["input_ids"])) == sum(map(len, packed[0]["input_ids"])) == sum(lengths)
-    assert sum(label != -100 for row in packed[count]["labels"] for label in row) == sum(k - k // 3 for k in lengths)
+        packed[cores, rows_given] = trainer.train_dataset
+    names = [Path(f["filename"]).name for f in packed[1, count].cache_files]
+    assert any(name.endswith("_00001_of_00002.arrow") for name in names), names  # made by two workers
+    one, other, serial = packed[1, count], packed[64, count], packed[64, 0]
+    assert one["seq_lengths"] == other["seq_lengths"] and len(one) < count / 2
+    assert one["input_ids"] == other["input_ids"] and one["labels"] == other["labels"]
+    assert serial["seq_lengths"] != one["seq_lengths"], "the packs no longer depend on the count: see PACKING_WORKERS"
+    assert sum(label != -100 for row in one["labels"] for label in row) == sum(k - k // 3 for k in lengths)
