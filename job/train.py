@@ -84,8 +84,9 @@ def sft_config(settings, run: Run, plan, has_eval: bool, rows: int = 0):
         run_name=run.id,
         ddp_find_unused_parameters=False,
         # TRL labels and packs the tokenized rows at the start of training, in Python, about 100 us a row: 1M rows
-        # took minutes in one process. Cached beside the tokens, once per run. (None: unsloth picks a count.)
-        dataset_num_proc=data.workers(rows, most=data.PACKING_WORKERS),
+        # took minutes in one process. Cached beside the tokens, once per run. One process is None to TRL, 1 to
+        # unsloth, which reads None as "as many as this machine affords" (unsloth_zoo.dataset_num_proc).
+        dataset_num_proc=data.workers(rows, most=data.PACKING_WORKERS) or (1 if run.backend == "unsloth" else None),
     )
 
 
