@@ -25,7 +25,11 @@ PER_ROW = "SDPA, one call per row"
 UNSLOTH_PACKED = {"flash_varlen": "flash-attention varlen", "xformers": "xformers block-diagonal", "sdpa": PER_ROW}
 UNSLOTH_PADDED = {"flash_dense": "flash-attention", "xformers": "xformers", "sdpa": "SDPA"}
 # transformers' attn_implementation in words (the job loads with its default, sdpa).
-HF = {"sdpa": "SDPA", "eager": "eager attention"}
+HF = {"sdpa": "SDPA", "eager": "eager attention", "flex_attention": "flex attention"}
+# unsloth trains these families on transformers' flex attention, in decoder layers it compiles one by one: a flex
+# mask holds the packed batch's length as a constant, so every new length compiled every layer again (Gemma-3-1B:
+# no first step in 330 s). train pads packed batches to one length for them.
+FLEX_FAMILIES = ("gemma3", "gemma3_text")
 
 # Measured on an H200 (torch 2.11+cu130, unsloth 2026.10.9, Llama-3-8B, short Alpaca-like rows packed; issue 18).
 SLOW = (
@@ -54,13 +58,21 @@ def kernel_name(backend: str, padding_free: bool, choice: str | None, torch_varl
 
 
 def attention(backend: str, padding_free: bool, model) -> str:
-    """The kernel this process trains with: unsloth's own choice (after `import unsloth`), or the hf model's."""
-    if backend == "unsloth":
+    """The kernel this process trains with: unsloth's own choice (after `import unsloth`), or the model's own
+    attn_implementation (the hf backend, and unsloth's flex-attention families)."""
+    if backend == "unsloth" and not compiles_per_length(model):
         from unsloth.utils import attention_dispatch as dispatch
 
         choice = dispatch.select_attention_backend(use_varlen=padding_free)
         return kernel_name(backend, padding_free, choice, getattr(dispatch, "_TORCH_VARLEN_ATTN", None) is not None)
-    return kernel_name(backend, padding_free, model.config._attn_implementation)
+    return kernel_name("hf", padding_free, model.config._attn_implementation)  # transformers' attention
+
+
+def compiles_per_length(model) -> bool:
+    """Whether unsloth trains the model on flex attention (its own attention dispatch serves the others)."""
+    config = getattr(model, "config", None)
+    family, implementation = getattr(config, "model_type", None), getattr(config, "_attn_implementation", None)
+    return family in FLEX_FAMILIES or implementation == "flex_attention"
 
 
 def announce(kernel: str) -> None:

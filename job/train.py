@@ -45,7 +45,10 @@ class Metrics:
     stopped_early: bool
 
 
-def sft_config(settings, run: Run, plan, has_eval: bool, rows: int = 0):
+def sft_config(settings, run: Run, plan, has_eval: bool, rows: int = 0, one_length: bool = False):
+    """TRL's configuration of the run; rows: the training rows (TRL's workers); one_length: packed batches padded
+    to the largest (micro-batch x MAX_SEQ_LENGTH tokens), for models compiled per length
+    (kernels.compiles_per_length)."""
     from trl import SFTConfig
 
     cuda, bf16 = run.device.cuda, run.device.bf16
@@ -67,6 +70,7 @@ def sft_config(settings, run: Run, plan, has_eval: bool, rows: int = 0):
         use_cpu=not cuda,
         max_length=settings.MAX_SEQ_LENGTH,
         packing=settings.PACKING,
+        pad_to_multiple_of=plan.micro_batch * settings.MAX_SEQ_LENGTH if one_length else None,
         # unsloth checkpoints activations itself (model.load_unsloth); hf needs the trainer's.
         gradient_checkpointing=cuda and run.backend == "hf" and plan.checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
@@ -107,9 +111,13 @@ def train(
     if run.device.rank_zero:
         continue_tracking(settings, run)
     stop = lifecycle(run, uploader, lease, step_log, board)
+    one_length = settings.PACKING and run.backend == "unsloth" and kernels.compiles_per_length(model)
+    if one_length and run.device.rank_zero:
+        log.info("packed batches padded to %d tokens: unsloth compiles %s's layers for each new batch length",
+                 plan.micro_batch * settings.MAX_SEQ_LENGTH, model.config.model_type)  # fmt: skip
     trainer = SFTTrainer(
         model=model,
-        args=sft_config(settings, run, plan, eval_ds is not None, len(train_ds)),
+        args=sft_config(settings, run, plan, eval_ds is not None, len(train_ds), one_length),
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,

@@ -136,3 +136,21 @@ def test_unsloth_packs_rows_with_a_varlen_or_block_diagonal_kernel_where_xformer
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.splitlines()[-1] != kernels.PER_ROW, result.stdout[-3000:]
+
+
+def test_unsloth_trains_gemma_3_on_transformers_attention_compiled_per_length():
+    """unsloth runs Gemma 3 on transformers' flex attention, not on its own dispatch (which would answer xformers):
+    the name is the model's attention, and the batches are padded to one length (train.sft_config's one_length)."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
+
+    shape = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "num_key_value_heads": 1, "vocab_size": 256}  # fmt: skip
+    gemma = AutoModelForCausalLM.from_config(Gemma3TextConfig(head_dim=32, **shape))
+    llama = AutoModelForCausalLM.from_config(LlamaConfig(**shape))
+    assert kernels.compiles_per_length(gemma) and not kernels.compiles_per_length(llama)
+    # unsloth is not installed here: its dispatch would raise, so the answer is the model's own attention.
+    assert kernels.attention("unsloth", True, gemma) == "SDPA with a block-diagonal mask"
+    gemma.config._attn_implementation = "flex_attention"  # what unsloth loads Gemma 3 with on a GPU
+    assert kernels.attention("unsloth", True, gemma) == "flex attention with a block-diagonal mask"
+    with pytest.raises(ImportError):
+        kernels.attention("unsloth", True, llama)

@@ -125,6 +125,17 @@ def test_packed_rows_train_as_if_alone(tiny_model_dir, tmp_path, monkeypatch, on
         moved = per_token_losses(lm, changed | broken)[0] - per_token_losses(lm, batch | broken)[0]
         assert moved[others].abs().max() > 1, sorted(broken)
 
+    # 6. Padded to one length (unsloth's Gemma 3 compiles its layers per length): the same rows, then padding that
+    # trains nothing and changes no row's loss.
+    plan = memory.plan(settings, device, "hf", None, 0)
+    one_length = SFTTrainer(model=lm, args=train.sft_config(settings, run, plan, False, one_length=True),
+                            train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
+    long = next(iter(one_length.get_train_dataloader()))
+    assert long["input_ids"].shape == (1, plan.micro_batch * settings.MAX_SEQ_LENGTH) and len(ids) < 800
+    assert torch.equal(long["input_ids"][0, : len(ids)], ids) and (long["labels"][0, len(ids) :] == -100).all()
+    with torch.no_grad():
+        assert abs(one_length.compute_loss(lm, dict(long)).item() - packed_loss) <= TOLERANCE
+
 
 def test_trl_packs_a_large_set_in_workers_and_the_same_on_any_machine(tiny_model_dir, tmp_path, monkeypatch):
     """TRL's preparation (labels, then packing) runs in Python at about 100 us a row: the job gives it a worker per
