@@ -37,8 +37,10 @@ def main() -> None:
     disable_progress_bars()
     shutil.rmtree(args.work, ignore_errors=True)
     build("tiny", args.work / "model")
-    settings = Settings(DATASET_URI="x", OUTPUT_URI="y", BASE_MODEL=str(args.work / "model"), PACKING=True,
-                        SCRATCH_DIR=str(args.work), TRAIN_BACKEND="hf", LOAD_IN_4BIT=False, OPTIMIZER="adamw_torch")  # fmt: skip
+    settings = Settings(
+        DATASET_URI="x", OUTPUT_URI="y", BASE_MODEL=str(args.work / "model"), PACKING=True, SCRATCH_DIR=str(args.work),
+        TRAIN_BACKEND="hf", LOAD_IN_4BIT=False, OPTIMIZER="adamw_torch",
+    )  # fmt: skip
     device = Device.detect(settings)
     run = Run.build(settings, "trl-prep", device, "hf")
     base = model.Base(settings.BASE_MODEL)
@@ -49,7 +51,8 @@ def main() -> None:
 
     def rows():
         for n, k in enumerate(lengths):
-            yield {"input_ids": [(n + i) % 1000 for i in range(k)], "assistant_masks": [0] * (k // 3) + [1] * (k - k // 3)}
+            cut = k // 3  # the prompt: outside the loss
+            yield {"input_ids": [(n + i) % 1000 for i in range(k)], "assistant_masks": [0] * cut + [1] * (k - cut)}
 
     Dataset.from_generator(rows, cache_dir=str(args.work / "cache")).save_to_disk(args.work / "tokens")
     print(f"{args.rows:,} rows, {sum(lengths):,} tokens, {os.cpu_count()} CPUs, cores() {data.cores()}")

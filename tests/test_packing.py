@@ -164,7 +164,7 @@ def test_trl_packs_a_large_set_in_workers_and_the_same_on_any_machine(tiny_model
             "assistant_masks": [[0] * (k // 3) + [1] * (k - k // 3) for k in lengths]}  # fmt: skip
     packed = {}
     for cores, rows_given in ((1, count), (64, count), (64, 0)):  # the job's count on two machines; one process
-        monkeypatch.setattr(data, "cores", lambda: cores)
+        monkeypatch.setattr(data, "cores", lambda cores=cores: cores)
         Dataset.from_dict(rows).save_to_disk(tmp_path / f"tokens-{cores}-{rows_given}")
         tokens = load_from_disk(tmp_path / f"tokens-{cores}-{rows_given}")  # memory-mapped, as the job's files are
         config = train.sft_config(settings, run, memory.plan(settings, device, "hf", None, 0), False, rows_given)
