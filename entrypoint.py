@@ -268,7 +268,9 @@ def tokenize_rows(settings: Settings, run: Run, folder: Path, rows, tokenizer, t
                                 max_seq_length, len(train), len(held))  # fmt: skip
     distributed.together(
         device,
-        lambda: data.tokenize_split(tokenizer, rows, train, held, responses_only, max_seq_length, tokens),
+        lambda: data.tokenize_split(
+            tokenizer, rows, train, held, responses_only, max_seq_length, tokens, settings.DATA_WORKERS
+        ),
         here=device.local_zero,
     )
     train_ds, eval_ds, lengths = data.open_tokens(tokens)

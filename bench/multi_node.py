@@ -45,7 +45,7 @@ def container(docs: dict) -> dict:
 
 def pod_environment(docs: dict, index: int = 0) -> dict:
     """The container's environment in the pod of completion index `index`: the ConfigMap, then env, with the
-    downward API's values as the Job controller sets them (the Job's name, the index)."""
+    downward API's values as the Job controller sets them (the Job's name, the index, the CPU request)."""
     job = docs["Job"]
     env = dict(docs["ConfigMap"]["data"])
     fields = {
@@ -53,7 +53,15 @@ def pod_environment(docs: dict, index: int = 0) -> dict:
         "metadata.annotations['batch.kubernetes.io/job-completion-index']": str(index),
     }
     for var in container(docs).get("env", []):
-        env[var["name"]] = var["value"] if "value" in var else fields[var["valueFrom"]["fieldRef"]["fieldPath"]]
+        source = var.get("valueFrom", {})
+        if "value" in var:
+            env[var["name"]] = var["value"]
+        elif "fieldRef" in source:
+            env[var["name"]] = fields[source["fieldRef"]["fieldPath"]]
+        else:  # resourceFieldRef, divisor 1: whole CPUs, rounded up ("500m" is 1)
+            kind, name = source["resourceFieldRef"]["resource"].split(".")
+            quantity = str(container(docs)["resources"][kind][name])
+            env[var["name"]] = str(-(-int(quantity[:-1]) // 1000) if quantity.endswith("m") else int(quantity))
     if job["spec"].get("completionMode") == "Indexed":
         env["JOB_COMPLETION_INDEX"] = str(index)
     if "SWEEP_FILE" in env:  # mounted from the ConfigMap that kustomize generates from this file

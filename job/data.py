@@ -34,6 +34,7 @@ ROWS_PER_WORKER = 2000
 # worker count: it is fixed by the rows alone, never by the machine, and an attempt resumed on another node trains
 # the same sequences in the same order.
 PACKING_WORKERS = 8
+CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "quota period", or "max period" without a CPU limit
 # A dry run tokenizes this many training rows, drawn at random: its steps' rows, and the sample that its length
 # counts are estimated from; and at most DRY_RUN_EVAL_ROWS held-out rows (each evaluation reads them all).
 DRY_RUN_ROWS = 2000
@@ -403,11 +404,11 @@ def with_bos(bos: str, text: str) -> str:
     return text if text.startswith(bos) else bos + text
 
 
-def tokenize(tokenizer, rows, responses_only: bool, cache_file: Path | None = None):
+def tokenize(tokenizer, rows, responses_only: bool, cache_file: Path | None = None, most: int | None = None):
     """A datasets.Dataset of input_ids and assistant_masks (1 where a token counts in the loss) for rows: a
     datasets.Dataset of examples (the job's, memory-mapped), or a list of them. Written to cache_file when given (one
     file per worker: cache_file's name with _0000N_of_0000M). Large datasets are rendered and tokenized in worker
-    processes, one per ROWS_PER_WORKER rows up to the cores this process may use."""
+    processes, one per ROWS_PER_WORKER rows up to the cores this process may use and most (DATA_WORKERS)."""
     from datasets import Dataset, Features, List, Value
 
     if not tokenizer.is_fast:
@@ -428,24 +429,25 @@ def tokenize(tokenizer, rows, responses_only: bool, cache_file: Path | None = No
     rows = Dataset.from_list(rows) if isinstance(rows, list) else rows
     # int32 ids and int8 masks: 5 bytes a token on disk, against 16 as Python's ints would have them.
     tokens = Features({"input_ids": List(Value("int32")), "assistant_masks": List(Value("int8"))})
-    return rows.map(encode, batched=True, remove_columns=rows.column_names, num_proc=workers(len(rows)),
+    return rows.map(encode, batched=True, remove_columns=rows.column_names, num_proc=workers(len(rows), cores(most)),
                     features=tokens, cache_file_name=cache_file and str(cache_file),
                     new_fingerprint=cache_file and digest(str(cache_file)), desc="tokenize")  # fmt: skip
 
 
-def workers(rows: int, most: int | None = None) -> int | None:
-    """The processes a map over rows takes (datasets' num_proc): one per ROWS_PER_WORKER rows, up to most (default:
-    cores()); None (this process) for one."""
-    count = min(cores() if most is None else most, rows // ROWS_PER_WORKER)
+def workers(rows: int, most: int) -> int | None:
+    """The processes a map over rows takes (datasets' num_proc): one per ROWS_PER_WORKER rows, up to most; None
+    (this process) for one."""
+    count = min(most, rows // ROWS_PER_WORKER)
     return count if count > 1 else None
 
 
-def cores() -> int:
+def cores(most: int | None = None) -> int:
     """The CPUs this process may run on (its affinity: a pod's CPUs under the static CPU manager), capped by its
-    cgroup's CPU quota (a pod's CPU limit). os.cpu_count() would count every core of the node."""
-    count = len(os.sched_getaffinity(0))
+    cgroup's CPU quota (a pod's CPU limit) and by most (DATA_WORKERS: the pod's CPU request in k8s/base). Without a
+    limit a pod's affinity is every core of the node."""
+    count = min(len(os.sched_getaffinity(0)), most or len(os.sched_getaffinity(0)))
     try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        quota, period = CPU_MAX.read_text().split()
     except (OSError, ValueError):  # cgroup v1, or none
         return count
     return count if quota == "max" else max(1, min(count, int(quota) // int(period)))
@@ -516,7 +518,8 @@ def tokens_folder(rows: Path, tokenizer, *settings) -> Path:
     return rows.parent / f"tokens-{digest([rows.name, digest(definition), *settings])}"
 
 
-def tokenize_split(tokenizer, rows, train, held, responses_only: bool, max_seq_length: int, folder: Path) -> None:
+def tokenize_split(tokenizer, rows, train, held, responses_only: bool, max_seq_length: int, folder: Path,
+                   most: int | None = None) -> None:  # fmt: skip
     """The training and held-out rows (indices into rows) tokenized into folder, the training rows' lengths checked,
     and tokens.json written last; nothing when an earlier attempt did it."""
     if (folder / TOKENS_INFO).is_file():
@@ -524,9 +527,12 @@ def tokenize_split(tokenizer, rows, train, held, responses_only: bool, max_seq_l
         return
     for old in folder.parent.glob("tokens-*"):  # this folder's unfinished build, or another tokenizer's tokens
         shutil.rmtree(old)
-    train_ds = tokenize(tokenizer, rows.select(train), responses_only, folder / "train.arrow")
+    count = workers(len(train), cores(most)) or 1
+    log.info("data: tokenizing %d rows in %d process%s", len(train) + len(held), count, "es" if count > 1 else "",
+             extra={"fields": {"tokenizing_workers": count}})  # fmt: skip
+    train_ds = tokenize(tokenizer, rows.select(train), responses_only, folder / "train.arrow", most)
     lengths = check_lengths(train_ds, max_seq_length)
-    eval_ds = tokenize(tokenizer, rows.select(held), responses_only, folder / "eval.arrow") if len(held) else None
+    eval_ds = tokenize(tokenizer, rows.select(held), responses_only, folder / "eval.arrow", most) if len(held) else None
     info = {"train": _arrow_files(train_ds, folder), "eval": eval_ds and _arrow_files(eval_ds, folder),
             "lengths": lengths}  # fmt: skip
     (folder / TOKENS_INFO).write_text(json.dumps(info, indent=1))

@@ -36,7 +36,7 @@ NOT_TRAINED = frozenset({
     "CHECKPOINT_KEEP", "SAMPLE_PROMPTS_URI", "NUM_SAMPLE_PROMPTS", "MAX_NEW_TOKENS", "LEASE_SECONDS", "RANK",
     "LOCAL_RANK", "NPROC_PER_NODE", "NNODES", "NODE_RANK", "RDZV_ENDPOINT", "TORCHELASTIC_RUN_ID", "SWEEP_FILE",
     "JOB_COMPLETION_INDEX", "IMAGE_VERSION", "AUTO_BATCH", "EXPORT", "BASE_MODEL_16BIT", "REPORT_TO", "LOG_FORMAT",
-    "HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
+    "DATA_WORKERS", "HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
     "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL",
 })  # fmt: skip
 
@@ -196,6 +196,9 @@ class Settings(BaseSettings):
     """Set by the image build; recorded in manifest.json."""
 
     # Scale
+    DATA_WORKERS: int | None = Field(default=None, ge=1)
+    """Processes that tokenize the rows, at most; unset: the CPUs the container may use (its CPU affinity and
+    limit). k8s/base sets it to the pod's CPU request, since a pod without a CPU limit sees every core of the node."""
     NPROC_PER_NODE: str = "1"
     """gpu or a number; above 1 the job runs torchrun itself, forwards SIGTERM, and exits with rank 0's code."""
     NNODES: int = Field(default=1, ge=1)

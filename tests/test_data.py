@@ -1,6 +1,8 @@
 import gzip
 import hashlib
 import json
+import os
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -335,3 +337,37 @@ def test_check_lengths_counts_rows_that_lose_their_response_and_the_tokens_in_th
     everything = data.tokenize(tokenizer, examples, responses_only=False)
     assert counts(1, everything) == (2, 0, 2, 2)
     assert counts(lengths[1], everything) == (0, 0, sum(lengths), sum(lengths))
+
+
+@pytest.mark.parametrize(
+    "cpu_max, most, expected",
+    [("max 100000", None, 16), ("400000 100000", None, 4), ("max 100000", 8, 8), ("400000 100000", 8, 4),
+     ("150000 100000", None, 1), (None, 6, 6)],
+)  # fmt: skip
+def test_tokenizing_takes_the_cpus_the_pod_may_use(tmp_path, monkeypatch, cpu_max, most, expected):
+    """The CPUs of the affinity (all 16 of a node here), capped by the CPU limit (cgroup v2's cpu.max; none under
+    cgroup v1) and by DATA_WORKERS, which k8s/base sets to the pod's CPU request."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(data, "CPU_MAX", tmp_path / "cpu.max")
+    if cpu_max:
+        data.CPU_MAX.write_text(cpu_max + "\n")
+    assert data.cores(most) == expected
+
+
+def test_data_workers_caps_the_tokenizing_processes(tokenizer, tmp_path, caplog, monkeypatch):
+    tokenizer.chat_template = templates.TEMPLATES["alpaca"]
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(data, "CPU_MAX", tmp_path / "no-cgroup")
+    files = [("d.jsonl", tmp_path / "d.jsonl")]
+    count = 2 * data.ROWS_PER_WORKER
+    files[0][1].write_text("".join(json.dumps(ROWS["alpaca"] | {"input": str(i)}) + "\n" for i in range(count)))
+    data.build_rows(files, "auto", tmp_path / "rows")
+    rows, _ = data.open_rows(tmp_path / "rows")
+    train, held = data.split(len(rows), 0.0, seed=1)
+    for most, processes in ((1, "1 process"), (None, "2 processes")):
+        folder = tmp_path / f"tokens-{most}"
+        with caplog.at_level("INFO"):
+            data.tokenize_split(tokenizer, rows, train, held, True, 2048, folder, most)
+        assert f"data: tokenizing {count} rows in {processes}" in caplog.messages
+        shards = [Path(f["filename"]).name for f in data.open_tokens(folder)[0].cache_files]
+        assert len(shards) == (1 if most == 1 else 2), shards
