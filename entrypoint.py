@@ -35,7 +35,7 @@ from job import (
     train,
 )
 from job.context import ADAPTER, CHECKPOINTS, CONFIG, Device, Run
-from job.errors import ConfigInvalid, GpuOutOfMemory, JobError, redact
+from job.errors import ConfigInvalid, JobError, OutOfMemory, redact
 from job.settings import Settings, read_settings
 from job.storage import Storage, is_hub, is_s3, join
 
@@ -380,7 +380,7 @@ def make_stage_dir(settings: Settings, stage: Path) -> None:
 def as_job_error(exc: Exception, settings: Settings) -> Exception:
     # torch.OutOfMemoryError, matched by name so that this module imports without torch.
     if type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(exc):
-        return GpuOutOfMemory(
+        return OutOfMemory(
             f"GPU out of memory: lower PER_DEVICE_BATCH_SIZE (now {settings.PER_DEVICE_BATCH_SIZE}) and raise "
             f"GRAD_ACCUM_STEPS (now {settings.GRAD_ACCUM_STEPS}) to keep the batch, or lower MAX_SEQ_LENGTH "
             f"(now {settings.MAX_SEQ_LENGTH})"

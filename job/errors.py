@@ -35,7 +35,7 @@ class InputNotFound(JobError):
     exit_code = 66
 
 
-class GpuOutOfMemory(JobError):
+class OutOfMemory(JobError):  # GPU or host memory
     exit_code = 70
 
 

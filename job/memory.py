@@ -8,10 +8,12 @@ The same shape bounds LORA_R, with or without a GPU.
 """
 
 import logging
+import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from job import distributed
-from job.errors import ConfigInvalid, GpuOutOfMemory
+from job.errors import ConfigInvalid, OutOfMemory
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,9 @@ OPTIMIZER_BYTES = {"adamw_8bit": 2, "paged_adamw_8bit": 2, "adamw_torch": 8, "ad
                    "adafactor": 4, "sgd": 0}  # fmt: skip
 # A plan uses at most this share of the free memory: the estimate is within 15% of the measured peaks.
 FILL = 0.85
+# cgroup v2's files for the container's memory: its limit ("max": none), its use, and the page cache in that use.
+CGROUP = "/sys/fs/cgroup"
+MEMINFO = "/proc/meminfo"
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,7 @@ class Plan:
     estimate_gib: float | None
     free_gib: float | None
     reason: str
+    host_gib: float | None = None  # host memory of unsloth's offloaded checkpoints (offload)
 
     def fields(self) -> dict:
         return asdict(self)
@@ -119,11 +125,41 @@ def estimate(shape: Shape, settings, backend: str, tokens: int, checkpointing: b
     return int(weights + lora + tokens * per_token + OVERHEAD)
 
 
+def offload(shape: Shape, backend: str, tokens: int, checkpointing: bool) -> int:
+    """Host bytes of unsloth's checkpointing with `tokens` tokens per micro-batch: it copies every checkpointed
+    layer's input but the last to pinned host memory in the forward pass and back in the backward
+    (unsloth_zoo/gradient_checkpointing.py, UnslothCheckpointFunction): Llama-3-8B at 8 x 32,768 tokens pins 62 GiB."""
+    if backend != "unsloth" or not checkpointing:
+        return 0
+    return (shape.layers - 1) * tokens * shape.hidden * 2
+
+
+def host_free() -> int | None:
+    """Host memory this process may still take: its container's limit less what it uses but the page cache (which
+    the kernel reclaims), within the node's MemAvailable; shared by the processes of a node (torchrun's
+    LOCAL_WORLD_SIZE). None where neither can be read."""
+    free = []
+    try:
+        limit = Path(CGROUP, "memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path(CGROUP, "memory.current").read_text())
+            stat = dict(line.split() for line in Path(CGROUP, "memory.stat").read_text().splitlines())
+            free.append(int(limit) - used + int(stat.get("file", 0)))
+    except (OSError, ValueError):  # cgroup v1, or none
+        pass
+    try:
+        meminfo = dict(line.split(":") for line in Path(MEMINFO).read_text().splitlines())
+        free.append(int(meminfo["MemAvailable"].split()[0]) * 1024)
+    except (OSError, KeyError, ValueError):
+        pass
+    return min(free) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if free else None
+
+
 def plan(settings, device, backend: str, config, row_tokens: int) -> Plan:
     """The micro-batch, accumulation and checkpointing for this process's GPU (as given without one, or without
     the model's configuration). row_tokens: the longest sequence a micro-batch holds per row (MAX_SEQ_LENGTH when
     packing). ConfigInvalid when LORA_R is above what the configuration's layers can use (check_rank), with or
-    without a GPU; GpuOutOfMemory when nothing fits."""
+    without a GPU; OutOfMemory when nothing fits."""
     given = (settings.PER_DEVICE_BATCH_SIZE, settings.GRAD_ACCUM_STEPS)
     sizes = shape(config, settings) if config is not None else None
     if sizes is not None:
@@ -136,13 +172,17 @@ def plan(settings, device, backend: str, config, row_tokens: int) -> Plan:
 
     # Every rank plans with the least free memory of any: one plan for all, or DDP hangs.
     free = distributed.least(device, torch.cuda.mem_get_info(device.local_rank)[0])
+    host = host_free()
+    host = distributed.least(device, host) if host is not None else None
     gpu = f"GPU {device.local_rank}" if device.world_size == 1 else "the fullest GPU"
-    return choose(settings, backend, sizes, row_tokens, free, gpu)
+    return choose(settings, backend, sizes, row_tokens, free, gpu, host)
 
 
-def choose(settings, backend: str, sizes: Shape, row_tokens: int, free: int, gpu: str = "the GPU") -> Plan:
+def choose(settings, backend: str, sizes: Shape, row_tokens: int, free: int, gpu: str = "the GPU",
+           host: int | None = None) -> Plan:  # fmt: skip
     """With AUTO_BATCH, the fastest split of the step's sequences that fits: checkpointing off first (it costs
-    about a third of a step), then the widest micro-batch. Without, the given split if it fits at all."""
+    about a third of a step), then the widest micro-batch. Without, the given split if it fits at all. host: the
+    host memory free for unsloth's offloaded checkpoints (None: not known, not checked)."""
     given = (settings.PER_DEVICE_BATCH_SIZE, settings.GRAD_ACCUM_STEPS)
     batch = given[0] * given[1]
     if settings.AUTO_BATCH:
@@ -151,25 +191,39 @@ def choose(settings, backend: str, sizes: Shape, row_tokens: int, free: int, gpu
         options = [(given[0], True)]
     for micro, ckpt in options:
         need = estimate(sizes, settings, backend, micro * row_tokens, ckpt)
-        if need <= FILL * free:
+        pinned = offload(sizes, backend, micro * row_tokens, ckpt)
+        if need <= FILL * free and (host is None or pinned <= FILL * host):
             why = (f"the fastest split of {batch} sequences that fits {FILL:.0%} of the free memory"
                    if settings.AUTO_BATCH else "as given (AUTO_BATCH=false)")  # fmt: skip
-            return Plan(micro, batch // micro, ckpt, round(need / GIB, 2), round(free / GIB, 2), why)
-    if need <= free:  # the leanest (or the given) split, with less room than the estimate's error
-        log.warning("training needs about %.1f GiB of the %.1f GiB free on %s: it may run out of memory",
-                    need / GIB, free / GIB, gpu)  # fmt: skip
-        return Plan(micro, batch // micro, ckpt, round(need / GIB, 2), round(free / GIB, 2), "the leanest split; tight")
-    raise GpuOutOfMemory(
-        f"training needs about {need / GIB:.1f} GiB (estimated before loading: {micro} sequence(s) of {row_tokens} "
-        f"tokens per micro-batch, activation checkpointing on) and {gpu} has {free / GIB:.1f} GiB free: lower "
-        f"MAX_SEQ_LENGTH (now {settings.MAX_SEQ_LENGTH})"
-        + (
-            f", or PER_DEVICE_BATCH_SIZE (now {given[0]}) and raise GRAD_ACCUM_STEPS (now {given[1]}) to keep the "
-            "batch, or set AUTO_BATCH=true"
-            if not settings.AUTO_BATCH
-            else ""
+            if pinned:
+                known = f" of the {host / GIB:.1f} GiB free" if host is not None else ""
+                why += f"; unsloth offloads {pinned / GIB:.1f} GiB of checkpointed activations to host memory{known}"
+            return Plan(micro, batch // micro, ckpt, round(need / GIB, 2), round(free / GIB, 2), why,
+                        round(pinned / GIB, 2) if pinned else None)  # fmt: skip
+    if need > free:
+        raise OutOfMemory(
+            f"training needs about {need / GIB:.1f} GiB (estimated before loading: {micro} sequence(s) of {row_tokens} "
+            f"tokens per micro-batch, activation checkpointing on) and {gpu} has {free / GIB:.1f} GiB free: lower "
+            f"MAX_SEQ_LENGTH (now {settings.MAX_SEQ_LENGTH})"
+            + (
+                f", or PER_DEVICE_BATCH_SIZE (now {given[0]}) and raise GRAD_ACCUM_STEPS (now {given[1]}) to keep the "
+                "batch, or set AUTO_BATCH=true"
+                if not settings.AUTO_BATCH
+                else ""
+            )
+            + f", lower LORA_R (now {settings.LORA_R})"
+            + ("" if settings.LOAD_IN_4BIT else ", set LOAD_IN_4BIT=true")
+            + ", or use a GPU with more free memory"
         )
-        + f", lower LORA_R (now {settings.LORA_R})"
-        + ("" if settings.LOAD_IN_4BIT else ", set LOAD_IN_4BIT=true")
-        + ", or use a GPU with more free memory"
-    )
+    if host is not None and pinned > host:
+        raise OutOfMemory(
+            f"training needs about {pinned / GIB:.1f} GiB of host memory for unsloth's offloaded activation "
+            f"checkpoints ({micro} sequence(s) of {row_tokens} tokens per micro-batch) and this container has "
+            f"{host / GIB:.1f} GiB free: lower MAX_SEQ_LENGTH (now {settings.MAX_SEQ_LENGTH}), or give the container "
+            "more memory (the pod's memory limit)"
+        )
+    # the leanest (or the given) split, with less room than the estimate's error
+    log.warning("training needs about %.1f GiB of the %.1f GiB free on %s: it may run out of memory",
+                need / GIB, free / GIB, gpu)  # fmt: skip
+    return Plan(micro, batch // micro, ckpt, round(need / GIB, 2), round(free / GIB, 2), "the leanest split; tight",
+                round(pinned / GIB, 2) if pinned else None)  # fmt: skip

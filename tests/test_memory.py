@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from job import memory
-from job.errors import GpuOutOfMemory
+from job.errors import OutOfMemory
 from job.settings import Settings
 from tests.conftest import DEMO_DATA, jsonl, put, read_objects
 
@@ -87,12 +87,12 @@ def test_auto_batch_keeps_the_effective_batch_and_fills_what_is_free(llama_8b):
 
 
 def test_what_cannot_fit_is_exit_70_naming_the_settings_to_change(llama_8b):
-    with pytest.raises(GpuOutOfMemory) as auto:
+    with pytest.raises(OutOfMemory) as auto:
         memory.choose(settings(), "unsloth", llama_8b, 2048, 4 * GIB)
     assert auto.value.exit_code == 70
     assert "MAX_SEQ_LENGTH (now 2048)" in str(auto.value) and "4.0 GiB free" in str(auto.value)
     literal = settings(AUTO_BATCH=False, PER_DEVICE_BATCH_SIZE=512, GRAD_ACCUM_STEPS=1)
-    with pytest.raises(GpuOutOfMemory) as given:
+    with pytest.raises(OutOfMemory) as given:
         memory.choose(literal, "unsloth", llama_8b, 2048, 80 * GIB)
     assert "PER_DEVICE_BATCH_SIZE (now 512)" in str(given.value) and "AUTO_BATCH=true" in str(given.value)
     # As given and within the free memory: kept, even above what AUTO_BATCH would fill.
@@ -105,7 +105,7 @@ def test_a_length_that_cannot_fit_one_sequence_is_exit_70_naming_max_seq_length(
     (131,072 tokens: 4 x 2 with checkpointing, about 77 GiB estimated); one sequence of 1,048,576 tokens does not fit
     even alone with checkpointing: exit 70 before loading, naming MAX_SEQ_LENGTH first."""
     longest = 2**20
-    with pytest.raises(GpuOutOfMemory) as error:
+    with pytest.raises(OutOfMemory) as error:
         memory.choose(settings(MAX_SEQ_LENGTH=longest), "unsloth", llama_8b, longest, 139 * GIB)
     message = str(error.value)
     assert error.value.exit_code == 70
@@ -130,7 +130,7 @@ def test_lora_parameters_and_their_optimizer_state_count_in_the_estimate(llama_8
     assert abs(grown - lora_state - activations) < 0.001 * GIB, (grown, lora_state, activations)
     # The same GPU fits rank 16 and not rank 1024 (25 GiB of LoRA state alone): exit 70, naming LORA_R.
     assert memory.choose(settings(LORA_R=16), "unsloth", low, 2048, 24 * GIB).estimate_gib < 24
-    with pytest.raises(GpuOutOfMemory, match=r"lower LORA_R \(now 1024\)"):
+    with pytest.raises(OutOfMemory, match=r"lower LORA_R \(now 1024\)"):
         memory.choose(settings(LORA_R=1024), "unsloth", high, 2048, 24 * GIB)
 
 
@@ -209,3 +209,43 @@ def test_every_rank_plans_with_the_least_free_memory_of_any(tmp_path):
     out = mp.Manager().dict()
     mp.spawn(_least, args=(str(tmp_path / "rendezvous"), out), nprocs=2)
     assert dict(out) == {0: 3 * GIB, 1: 3 * GIB}
+
+
+def test_unsloths_offloaded_checkpoints_must_fit_the_hosts_memory(llama_8b):
+    """unsloth's checkpointing pins every checkpointed layer's input but the last in host memory: at 32,768 tokens the
+    8B shape's 8 x 1 split pins 62 GiB, which a pod's memory limit (k8s/base: 96Gi) may not hold, and the kernel's
+    OOM killer ends it without a word. The plan narrows the micro-batch to what the host holds, or exits 70."""
+    assert memory.offload(llama_8b, "unsloth", 8 * 32768, True) == 31 * 8 * 32768 * 4096 * 2
+    assert memory.offload(llama_8b, "unsloth", 8 * 32768, False) == memory.offload(llama_8b, "hf", 8192, True) == 0
+    long = settings(MAX_SEQ_LENGTH=32768)
+    unbounded = memory.choose(long, "unsloth", llama_8b, 32768, 139 * GIB)
+    assert (unbounded.micro_batch, unbounded.checkpointing, unbounded.host_gib) == (8, True, 62.0)
+    bounded = memory.choose(long, "unsloth", llama_8b, 32768, 139 * GIB, host=48 * GIB)
+    assert (bounded.micro_batch, bounded.grad_accum, bounded.host_gib) == (4, 2, 31.0)
+    assert "unsloth offloads 31.0 GiB of checkpointed activations to host memory of the 48.0 GiB free" in bounded.reason
+    with pytest.raises(OutOfMemory) as error:
+        memory.choose(settings(MAX_SEQ_LENGTH=131072), "unsloth", llama_8b, 131072, 139 * GIB, host=20 * GIB)
+    assert error.value.exit_code == 70 and str(error.value).startswith(
+        "training needs about 31.0 GiB of host memory for unsloth's offloaded activation checkpoints (1 sequence(s) "
+        "of 131072 tokens per micro-batch) and this container has 20.0 GiB free: lower MAX_SEQ_LENGTH (now 131072)"
+    )
+    assert memory.choose(long, "hf", llama_8b, 32768, 139 * GIB, host=1 * GIB).host_gib is None  # hf pins nothing
+
+
+@pytest.mark.parametrize(
+    "limit, local_world_size, expected_gib", [("max", None, 100), (str(96 * GIB), None, 90), (str(96 * GIB), "2", 45)]
+)
+def test_the_hosts_free_memory_is_the_containers_limit_less_its_use_but_the_page_cache(tmp_path, monkeypatch, limit,
+                                                                                        local_world_size,
+                                                                                        expected_gib):  # fmt: skip
+    (tmp_path / "memory.max").write_text(limit + "\n")
+    (tmp_path / "memory.current").write_text(f"{10 * GIB}\n")
+    (tmp_path / "memory.stat").write_text(f"anon {6 * GIB}\nfile {4 * GIB}\n")
+    (tmp_path / "meminfo").write_text(f"MemTotal:  {128 * 2**20} kB\nMemAvailable:  {100 * 2**20} kB\n")
+    monkeypatch.setattr(memory, "CGROUP", str(tmp_path))
+    monkeypatch.setattr(memory, "MEMINFO", str(tmp_path / "meminfo"))
+    if local_world_size:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world_size)
+    else:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert memory.host_free() == expected_gib * GIB
