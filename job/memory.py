@@ -14,6 +14,7 @@ from pathlib import Path
 
 from job import distributed
 from job.errors import ConfigInvalid, OutOfMemory
+from job.model import lora_targets
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def shape(config, settings) -> Shape:
     modules = dict(model.named_modules())
     linears = [(n, m) for n, m in modules.items() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
     linear = sum(m.weight.numel() for _, m in linears)
-    targets = set(settings.LORA_TARGET_MODULES)
+    targets = set(lora_targets(settings, {n.rsplit(".", 1)[-1] for n, _ in linears}))
     adapted = [m for n, m in linears if n.rsplit(".", 1)[-1] in targets]
     text = config.get_text_config()  # the language model's part of a multimodal configuration (Gemma 3, Llama 4)
     layers = text.num_hidden_layers

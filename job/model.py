@@ -221,10 +221,9 @@ def load_unsloth(settings, device: Device, base: Base, checkpointing: bool):
         )
     except (OSError, ValueError) as exc:
         raise hub_error(exc, settings, "model") from None
-    check_targets(model, settings.LORA_TARGET_MODULES)
     return FastLanguageModel.get_peft_model(
         model,
-        **lora_arguments(settings),
+        **lora_arguments(settings, model),
         use_gradient_checkpointing="unsloth" if checkpointing else False,
         random_state=settings.SEED,
     )
@@ -258,31 +257,55 @@ def load_hf(settings, device: Device, base: Base, tokenizer):
     # Llama-3-8B the hf backend peaked at 22.2 GiB with it and 9.4 without, and now follows unsloth's loss step
     # for step (docs/benchmarks.md). get_peft_model freezes the base; the trainer checkpoints activations
     # (sft_config) and TRL makes the inputs require gradients for that.
-    check_targets(model, settings.LORA_TARGET_MODULES)
-    return get_peft_model(model, LoraConfig(**lora_arguments(settings), task_type="CAUSAL_LM"))
+    return get_peft_model(model, LoraConfig(**lora_arguments(settings, model), task_type="CAUSAL_LM"))
 
 
-def lora_arguments(settings) -> dict:
-    return {
-        "r": settings.LORA_R,
-        "lora_alpha": settings.LORA_ALPHA,
-        "lora_dropout": settings.LORA_DROPOUT,
-        "target_modules": settings.LORA_TARGET_MODULES,
-        "bias": "none",
-    }
-
-
-def check_targets(model, targets: list[str]) -> None:
-    import torch
-
-    linear = {
-        name.rsplit(".", 1)[-1]
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
-    }
+def lora_arguments(settings, model) -> dict:
+    """PEFT's LoRA arguments for the model: LORA_TARGET_MODULES as lora_targets reads them for it, each checked."""
+    linear = linear_names(model)
+    targets = lora_targets(settings, linear)
     missing = sorted(set(targets) - linear)
     if missing:
         raise ConfigInvalid(
             f"LORA_TARGET_MODULES: {','.join(missing)} not in BASE_MODEL; its linear layers are "
             f"{','.join(sorted(linear - {'lm_head'}))}: pick from those"
         )
+    if targets != settings.LORA_TARGET_MODULES:
+        log.info("LORA_TARGET_MODULES: BASE_MODEL joins the default's projections in %s: adapting %s",
+                 ",".join(t for t in targets if t in FUSED), ",".join(targets))  # fmt: skip
+    return {
+        "r": settings.LORA_R,
+        "lora_alpha": settings.LORA_ALPHA,
+        "lora_dropout": settings.LORA_DROPOUT,
+        "target_modules": targets,
+        "bias": "none",
+    }
+
+
+def linear_names(model) -> set[str]:
+    """The names (last part) of the model's linear layers, which LoRA can adapt."""
+    import torch
+
+    return {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+    }
+
+
+# The default LORA_TARGET_MODULES names Llama's projections. Families that fuse some (Phi-3 and microsoft/phi-4: q,
+# k and v in qkv_proj; gate and up in gate_up_proj) get the fused layer in place of its parts, not exit 78.
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def lora_targets(settings, linear: set[str]) -> list[str]:
+    """The layers that get adapters, given the model's linear layers: LORA_TARGET_MODULES; the default's fused
+    equivalents where the model has those and none of the parts."""
+    targets = list(settings.LORA_TARGET_MODULES)
+    if targets != DEFAULT_TARGETS:
+        return targets
+    for fused, parts in FUSED.items():
+        if fused in linear and not set(parts) & linear:
+            targets = [t for t in targets if t not in parts] + [fused]
+    return targets

@@ -273,3 +273,24 @@ def test_a_dry_run_of_a_saved_tiny_qwen3_names_its_template_and_trains_the_answe
     assert AutoTokenizer.from_pretrained(run / "adapter").chat_template == trl_template("qwen3"), "the plain one"
     for sample in map(json.loads, (run / "samples.jsonl").read_text().splitlines()):
         assert sample["input"].endswith("<|im_start|>assistant\n")
+
+
+def test_phi_4s_fused_projections_take_the_default_adapters(run_job, tmp_path):
+    """microsoft/phi-4 (Phi3ForCausalLM) joins q, k and v in qkv_proj and gate and up in gate_up_proj: the default
+    LORA_TARGET_MODULES (Llama's names) exited 78 on it; the fused layers now stand for their parts, in the adapter
+    and in the memory estimate. A list given is taken as it is."""
+    from job import memory
+
+    build("phi-4", tmp_path / "phi", tiny=True)
+    env = {"DRY_RUN": "true", "BASE_MODEL": str(tmp_path / "phi"), "DATASET_URI": str(DEMO_DATA), "RUN_ID": "phi",
+           "OUTPUT_URI": str(tmp_path / "out"), "MAX_NEW_TOKENS": "2", "NUM_SAMPLE_PROMPTS": "1"}  # fmt: skip
+    result = run_job(env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    adapter = json.loads((tmp_path / "out" / "phi" / "adapter" / "adapter_config.json").read_text())
+    assert sorted(adapter["target_modules"]) == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
+    assert "adapting o_proj,down_proj,qkv_proj,gate_up_proj" in result.stderr
+    phi_4 = config("phi-4")  # 40 layers, 5,120 wide; q, k, v: 40 + 10 + 10 heads of 128; MLP 17,920
+    per_layer = (5120 + 7680) + (5120 + 5120) + (5120 + 2 * 17920) + (17920 + 5120)
+    assert memory.shape(phi_4, Settings(DATASET_URI="x", OUTPUT_URI="y")).lora == 16 * 40 * per_layer
+    given = run_job(env | {"RUN_ID": "phi-given", "LORA_TARGET_MODULES": "q_proj,v_proj"})
+    assert given.returncode == 78 and "LORA_TARGET_MODULES: q_proj,v_proj not in BASE_MODEL" in given.stderr
