@@ -270,7 +270,12 @@ def lora_arguments(settings, model) -> dict:
             f"LORA_TARGET_MODULES: {','.join(missing)} not in BASE_MODEL; its linear layers are "
             f"{','.join(sorted(linear - {'lm_head'}))}: pick from those"
         )
-    if targets != settings.LORA_TARGET_MODULES:
+    covered = set(targets).union(*(FUSED.get(t, ()) for t in targets))
+    if dropped := [t for t in settings.LORA_TARGET_MODULES if t not in covered]:
+        log.warning("LORA_TARGET_MODULES: BASE_MODEL has no %s (a mixture of experts whose experts are not linear "
+                    "layers): adapting %s; set LORA_TARGET_MODULES to choose",
+                    ",".join(dropped), ",".join(targets))  # fmt: skip
+    elif targets != settings.LORA_TARGET_MODULES:
         log.info("LORA_TARGET_MODULES: BASE_MODEL joins the default's projections in %s: adapting %s",
                  ",".join(t for t in targets if t in FUSED), ",".join(targets))  # fmt: skip
     return {
@@ -294,18 +299,23 @@ def linear_names(model) -> set[str]:
 
 
 # The default LORA_TARGET_MODULES names Llama's projections. Families that fuse some (Phi-3 and microsoft/phi-4: q,
-# k and v in qkv_proj; gate and up in gate_up_proj) get the fused layer in place of its parts, not exit 78.
+# k and v in qkv_proj; gate and up in gate_up_proj) get the fused layer in place of its parts, and mixtures of experts
+# whose experts are no linear layers (gpt-oss in transformers 5.17: 3-D parameters) their attention, not exit 78.
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+ATTENTION = {"q_proj", "k_proj", "v_proj", "o_proj"}
 
 
 def lora_targets(settings, linear: set[str]) -> list[str]:
-    """The layers that get adapters, given the model's linear layers: LORA_TARGET_MODULES; the default's fused
-    equivalents where the model has those and none of the parts."""
+    """The layers that get adapters, given the model's linear layers: LORA_TARGET_MODULES; for the default, fused
+    equivalents where the model has those and none of the parts, and the attention alone where the model has it but
+    not the MLP's projections."""
     targets = list(settings.LORA_TARGET_MODULES)
     if targets != DEFAULT_TARGETS:
         return targets
     for fused, parts in FUSED.items():
         if fused in linear and not set(parts) & linear:
             targets = [t for t in targets if t not in parts] + [fused]
+    if linear >= ATTENTION:
+        targets = [t for t in targets if t in linear]
     return targets

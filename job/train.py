@@ -111,6 +111,11 @@ def train(
     if run.device.rank_zero:
         continue_tracking(settings, run)
     stop = lifecycle(run, uploader, lease, step_log, board)
+    # TRL turns a mixture of experts' router logits on for its load-balancing loss (SFTTrainer.__init__); generate()
+    # then fails on gpt-oss (the loss's mask is the whole text, the logits the new tokens'): put back after training,
+    # for the samples and the exported model's config.json.
+    text_config = model.config.get_text_config()
+    router_logits = getattr(text_config, "output_router_logits", None)
     one_length = settings.PACKING and run.backend == "unsloth" and kernels.compiles_per_length(model)
     if one_length and run.device.rank_zero:
         log.info("packed batches padded to %d tokens: unsloth compiles %s's layers for each new batch length",
@@ -135,6 +140,8 @@ def train(
     evals = [row for row in step_log.rows if "eval_loss" in row]
     if not stopped and eval_ds is not None and (not evals or evals[-1]["step"] != trainer.state.global_step):
         evals.append(trainer.evaluate())  # logged to train_log.jsonl by step_log
+    if router_logits is not None:
+        text_config.output_router_logits = router_logits
     if run.device.rank_zero and not stopped:
         trainer.model.save_pretrained(run.stage / ADAPTER)
         tokenizer.save_pretrained(run.stage / ADAPTER)

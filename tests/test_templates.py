@@ -294,3 +294,23 @@ def test_phi_4s_fused_projections_take_the_default_adapters(run_job, tmp_path):
     assert memory.shape(phi_4, Settings(DATASET_URI="x", OUTPUT_URI="y")).lora == 16 * 40 * per_layer
     given = run_job(env | {"RUN_ID": "phi-given", "LORA_TARGET_MODULES": "q_proj,v_proj"})
     assert given.returncode == 78 and "LORA_TARGET_MODULES: q_proj,v_proj not in BASE_MODEL" in given.stderr
+
+
+def test_gpt_oss_trains_its_attention_with_the_defaults_and_samples_after(run_job, tmp_path):
+    """gpt-oss's experts are 3-D parameters in transformers 5.17, no linear layers: the default LORA_TARGET_MODULES
+    adapts the attention, with a warning that says so (it exited 78). TRL turns the router logits on for its
+    load-balancing loss; left on, generate() failed on the samples (a mask of the whole text against the new tokens'
+    logits), and the config carried it on."""
+    build("gpt-oss-20b", tmp_path / "gpt-oss", tiny=True)
+    result = run_job({"DRY_RUN": "true", "BASE_MODEL": str(tmp_path / "gpt-oss"), "DATASET_URI": str(DEMO_DATA),
+                      "OUTPUT_URI": str(tmp_path / "out"), "RUN_ID": "gpt-oss", "MAX_SEQ_LENGTH": "512",
+                      "PER_DEVICE_BATCH_SIZE": "1", "GRAD_ACCUM_STEPS": "1", "MAX_NEW_TOKENS": "3",
+                      "NUM_SAMPLE_PROMPTS": "2", "LOG_FORMAT": "json"})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "out" / "gpt-oss"
+    adapter = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert sorted(adapter["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    warnings = [json.loads(line)["message"] for line in result.stderr.splitlines() if '"level": "warning"' in line]
+    assert any(w.startswith("LORA_TARGET_MODULES: BASE_MODEL has no gate_proj,up_proj,down_proj") for w in warnings)
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 2 and all(s["input"].endswith("<|start|>assistant") for s in samples)  # two: a batch
