@@ -272,9 +272,9 @@ def lora_arguments(settings, model) -> dict:
         )
     covered = set(targets).union(*(FUSED.get(t, ()) for t in targets))
     if dropped := [t for t in settings.LORA_TARGET_MODULES if t not in covered]:
-        log.warning("LORA_TARGET_MODULES: BASE_MODEL has no %s (a mixture of experts whose experts are not linear "
-                    "layers): adapting %s; set LORA_TARGET_MODULES to choose",
-                    ",".join(dropped), ",".join(targets))  # fmt: skip
+        log.warning("LORA_TARGET_MODULES: BASE_MODEL has no linear layers named %s (gpt-oss's experts, for one, are "
+                    "not linear layers): adapting %s; set LORA_TARGET_MODULES to choose from its linear layers: %s",
+                    ",".join(dropped), ",".join(targets), ",".join(sorted(linear - {"lm_head"})))  # fmt: skip
     elif targets != settings.LORA_TARGET_MODULES:
         log.info("LORA_TARGET_MODULES: BASE_MODEL joins the default's projections in %s: adapting %s",
                  ",".join(t for t in targets if t in FUSED), ",".join(targets))  # fmt: skip

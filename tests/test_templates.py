@@ -311,6 +311,10 @@ def test_gpt_oss_trains_its_attention_with_the_defaults_and_samples_after(run_jo
     adapter = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert sorted(adapter["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
     warnings = [json.loads(line)["message"] for line in result.stderr.splitlines() if '"level": "warning"' in line]
-    assert any(w.startswith("LORA_TARGET_MODULES: BASE_MODEL has no gate_proj,up_proj,down_proj") for w in warnings)
+    assert (
+        "LORA_TARGET_MODULES: BASE_MODEL has no linear layers named gate_proj,up_proj,down_proj (gpt-oss's "
+        "experts, for one, are not linear layers): adapting q_proj,k_proj,v_proj,o_proj; set LORA_TARGET_MODULES to "
+        "choose from its linear layers: k_proj,o_proj,q_proj,v_proj" in warnings
+    )
     samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 2 and all(s["input"].endswith("<|start|>assistant") for s in samples)  # two: a batch
