@@ -53,8 +53,12 @@ def resolve_backend(settings, device: Device) -> str:
             f"OPTIMIZER={settings.OPTIMIZER} needs an NVIDIA GPU (bitsandbytes): use OPTIMIZER=adamw_torch"
             if "8bit" in settings.OPTIMIZER else "",
         ]  # fmt: skip
-        if any(problems):
-            raise ConfigInvalid("; ".join(p for p in problems if p) + " (or DRY_RUN=true)")
+        if any(problems):  # on a GPU machine, most likely a container that was not given the GPU
+            raise ConfigInvalid(
+                "no NVIDIA GPU is visible (on a GPU machine: `docker run --gpus all`, the pod's nvidia.com/gpu limit, "
+                "an R580 or newer driver: README, GPU drivers); " + "; ".join(p for p in problems if p)
+                + " (or DRY_RUN=true)"
+            )  # fmt: skip
     if backend == "unsloth":
         kernels.load_cuda_runtime()  # before xformers loads (in unsloth's import): its kernels need CUDA 12's runtime
         import unsloth  # noqa: F401  before transformers and trl are used, so that its patches apply

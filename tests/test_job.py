@@ -282,7 +282,9 @@ def bad_runs(s3, bucket, tmp_path):
             ({"DATASET_URI": None}, "DATASET_URI is required"),
             ({"DATASET_URI": ok, "LORA_R": "-1", "PACKING": "perhaps"}, "LORA_R"),
             ({"DATASET_URI": ok, "SCRATCH_DIR": "/dev/null/scratch"}, "SCRATCH_DIR=/dev/null/scratch is not writable"),
-            ({"DATASET_URI": ok, "DRY_RUN": "false"}, "LOAD_IN_4BIT=true needs an NVIDIA GPU"),
+            ({"DATASET_URI": ok, "DRY_RUN": "false"}, "no NVIDIA GPU is visible (on a GPU machine: `docker run "
+             "--gpus all`, the pod's nvidia.com/gpu limit, an R580 or newer driver: README, GPU drivers); "
+             "LOAD_IN_4BIT=true needs an NVIDIA GPU"),
             ({"DATASET_URI": ok, "LORA_TARGET_MODULES": "q_proj,attn_x"}, "LORA_TARGET_MODULES: attn_x not in"),
             ({"DATASET_URI": ok, "DRY_RUN": "false", "TRAIN_BACKEND": "unsloth", "LOAD_IN_4BIT": "false",
               "OPTIMIZER": "adamw_torch"}, "TRAIN_BACKEND=unsloth needs an NVIDIA GPU"),
