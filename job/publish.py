@@ -57,7 +57,9 @@ def write_outputs(stage: Path, summary: Summary, samples: list[dict], config: di
     adapter = json.loads(adapter_config.read_text())
     adapter["base_model_name_or_path"] = summary.base_model["name"]
     adapter_config.write_text(json.dumps(adapter, indent=2) + "\n")
-    (stage / ADAPTER / "README.md").write_text(report.model_card(summary, config))
+    # The layers adapted, as PEFT saved them (the default LORA_TARGET_MODULES is read per model: model.lora_targets).
+    adapted = {"LORA_TARGET_MODULES": sorted(adapter["target_modules"])}
+    (stage / ADAPTER / "README.md").write_text(report.model_card(summary, config | adapted))
 
 
 def plot_loss(train_log: Path, target: Path) -> None:

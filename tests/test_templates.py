@@ -288,6 +288,8 @@ def test_phi_4s_fused_projections_take_the_default_adapters(run_job, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     adapter = json.loads((tmp_path / "out" / "phi" / "adapter" / "adapter_config.json").read_text())
     assert sorted(adapter["target_modules"]) == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
+    card = (tmp_path / "out" / "phi" / "adapter" / "README.md").read_text()
+    assert "| LORA_TARGET_MODULES | `down_proj,gate_up_proj,o_proj,qkv_proj` |" in card, "the layers adapted"
     assert "adapting o_proj,down_proj,qkv_proj,gate_up_proj" in result.stderr
     phi_4 = config("phi-4")  # 40 layers, 5,120 wide; q, k, v: 40 + 10 + 10 heads of 128; MLP 17,920
     per_layer = (5120 + 7680) + (5120 + 5120) + (5120 + 2 * 17920) + (17920 + 5120)
