@@ -445,7 +445,8 @@ def cores(most: int | None = None) -> int:
     """The CPUs this process may run on (its affinity: a pod's CPUs under the static CPU manager), capped by its
     cgroup's CPU quota (a pod's CPU limit) and by most (DATA_WORKERS: the pod's CPU request in k8s/base). Without a
     limit a pod's affinity is every core of the node."""
-    count = min(len(os.sched_getaffinity(0)), most or len(os.sched_getaffinity(0)))
+    count = len(os.sched_getaffinity(0))
+    count = min(count, most) if most else count
     try:
         quota, period = CPU_MAX.read_text().split()
     except (OSError, ValueError):  # cgroup v1, or none
