@@ -22,16 +22,16 @@ def logits_with_adapter(base_dir, adapter_dir) -> torch.Tensor:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)  # a family's is saved in bfloat16
     with torch.no_grad():
-        return model(IDS).logits
+        return PeftModel.from_pretrained(base, adapter_dir)(IDS).logits
 
 
 def logits_of(model_dir) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
     with torch.no_grad():
-        return AutoModelForCausalLM.from_pretrained(model_dir)(IDS).logits
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)(IDS).logits
 
 
 def test_the_16bit_weights_are_found_or_asked_for():
@@ -117,3 +117,31 @@ def test_a_4bit_checkpoint_without_its_16bit_original_is_78_before_training(
                       "OPTIMIZER": "adamw_torch", "EXPORT": "merged_16bit"})  # fmt: skip
     assert result.returncode == 78, result.stderr[-3000:]
     assert "set BASE_MODEL_16BIT" in result.stderr and '"stage": "train"' not in result.stderr
+
+
+@pytest.mark.parametrize("shape", ["qwen3-0.6b", "gemma-3-1b", "mistral-7b-v0.3", "phi-4", "gpt-oss-20b"])
+def test_each_familys_merged_model_answers_as_its_base_with_the_adapter(tmp_path, shape):
+    """The reload path of 4-bit training, per family at the dry run's size (bench/synthetic_model.py), with the
+    adapters the default LORA_TARGET_MODULES gives it (Phi-4's fused layers, gpt-oss's attention)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bench.synthetic_model import build
+    from job import model
+    from job.context import Device, Run
+
+    build(shape, tmp_path / "base", tiny=True)
+    settings = Settings(DATASET_URI="x", OUTPUT_URI="y", BASE_MODEL=str(tmp_path / "base"), LOAD_IN_4BIT=True,
+                        SCRATCH_DIR=str(tmp_path))  # fmt: skip
+    run = Run.build(settings, "merge", Device(False, False, 0, 0, 1), "hf")
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    lora = get_peft_model(base, LoraConfig(**model.lora_arguments(settings, base)))
+    for name, param in lora.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.2)
+    lora.save_pretrained(run.stage / "adapter")
+    merged = export.merge(settings, None, run, None, AutoTokenizer.from_pretrained(tmp_path / "base"), False)
+    expected, got = logits_with_adapter(tmp_path / "base", run.stage / "adapter"), logits_of(merged)
+    assert (got - expected).abs().max() <= TOLERANCE
+    assert (got - logits_of(tmp_path / "base")).abs().max() > 100 * TOLERANCE, "the adapter is in the merged weights"
