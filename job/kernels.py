@@ -30,6 +30,10 @@ HF = {"sdpa": "SDPA", "eager": "eager attention", "flex_attention": "flex attent
 # mask holds the packed batch's length as a constant, so every new length compiled every layer again (Gemma-3-1B:
 # no first step in 330 s). train pads packed batches to one length for them.
 FLEX_FAMILIES = ("gemma3", "gemma3_text")
+# Families whose model builds its attention mask without position_ids (transformers 5.17's GptOssModel), so rows
+# packed into one sequence attend to each other: they train one row per sequence (tests/test_packing.py measures
+# every family, and fails once one of these keeps its rows apart).
+MIXES_PACKED_ROWS = ("gpt_oss",)
 
 # Measured on an H200 (torch 2.11+cu130, unsloth 2026.10.9, Llama-3-8B, short Alpaca-like rows packed; issue 18).
 SLOW = (
@@ -73,6 +77,11 @@ def compiles_per_length(model) -> bool:
     config = getattr(model, "config", None)
     family, implementation = getattr(config, "model_type", None), getattr(config, "_attn_implementation", None)
     return family in FLEX_FAMILIES or implementation == "flex_attention"
+
+
+def packs_apart(model) -> bool:
+    """Whether rows packed into one sequence, told apart by position_ids alone, stay apart in the model's attention."""
+    return getattr(getattr(model, "config", None), "model_type", None) not in MIXES_PACKED_ROWS
 
 
 def announce(kernel: str) -> None:

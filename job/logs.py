@@ -26,7 +26,8 @@ class _StageFilter(logging.Filter):
 DISPROVED = (
     # TRL, for any attention but flash-attn's. transformers 5.17 keeps packed rows apart from position_ids alone (SDPA
     # with a block-diagonal mask), unsloth with its varlen or block-diagonal kernels; the log names the kernel
-    # ("attention: ..."). tests/test_packing.py trains packed rows as if alone; tests/test_kernels.py records the mask.
+    # ("attention: ..."). tests/test_packing.py trains packed rows as if alone and measures each family's isolation
+    # (gpt-oss mixes them, and trains unpacked: kernels.MIXES_PACKED_ROWS); tests/test_kernels.py records the mask.
     "Padding-free training is enabled, but the attention implementation is not set to a supported Flash",
     "You are using packing, but the attention implementation is not set to a supported Flash",
 )

@@ -45,10 +45,11 @@ class Metrics:
     stopped_early: bool
 
 
-def sft_config(settings, run: Run, plan, has_eval: bool, rows: int = 0, one_length: bool = False):
+def sft_config(settings, run: Run, plan, has_eval: bool, rows: int = 0, one_length: bool = False,
+               packing: bool | None = None):  # fmt: skip
     """TRL's configuration of the run; rows: the training rows (TRL's workers); one_length: packed batches padded
     to the largest (micro-batch x MAX_SEQ_LENGTH tokens), for models compiled per length
-    (kernels.compiles_per_length)."""
+    (kernels.compiles_per_length); packing: PACKING unless given (kernels.packs_apart)."""
     from trl import SFTConfig
 
     cuda, bf16 = run.device.cuda, run.device.bf16
@@ -69,7 +70,7 @@ def sft_config(settings, run: Run, plan, has_eval: bool, rows: int = 0, one_leng
         fp16=cuda and not bf16,
         use_cpu=not cuda,
         max_length=settings.MAX_SEQ_LENGTH,
-        packing=settings.PACKING,
+        packing=settings.PACKING if packing is None else packing,
         pad_to_multiple_of=plan.micro_batch * settings.MAX_SEQ_LENGTH if one_length else None,
         # unsloth checkpoints activations itself (model.load_unsloth); hf needs the trainer's.
         gradient_checkpointing=cuda and run.backend == "hf" and plan.checkpointing,
@@ -116,13 +117,17 @@ def train(
     # for the samples and the exported model's config.json.
     text_config = model.config.get_text_config()
     router_logits = getattr(text_config, "output_router_logits", None)
-    one_length = settings.PACKING and run.backend == "unsloth" and kernels.compiles_per_length(model)
+    packing = settings.PACKING and kernels.packs_apart(model)
+    if settings.PACKING and not packing and run.device.rank_zero:
+        log.warning("PACKING=true: %s builds its attention mask without position_ids, so packed rows would attend to "
+                    "each other: training one row per sequence", model.config.model_type)  # fmt: skip
+    one_length = packing and run.backend == "unsloth" and kernels.compiles_per_length(model)
     if one_length and run.device.rank_zero:
         log.info("packed batches padded to %d tokens: unsloth compiles %s's layers for each new batch length",
                  plan.micro_batch * settings.MAX_SEQ_LENGTH, model.config.model_type)  # fmt: skip
     trainer = SFTTrainer(
         model=model,
-        args=sft_config(settings, run, plan, eval_ds is not None, len(train_ds), one_length),
+        args=sft_config(settings, run, plan, eval_ds is not None, len(train_ds), one_length, packing),
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,

@@ -178,3 +178,27 @@ def test_trl_packs_a_large_set_in_workers_and_the_same_on_any_machine(tiny_model
     assert one["input_ids"] == other["input_ids"] and one["labels"] == other["labels"]
     assert serial["seq_lengths"] != one["seq_lengths"], "the packs no longer depend on the count: see PACKING_WORKERS"
     assert sum(label != -100 for row in one["labels"] for label in row) == sum(k - k // 3 for k in lengths)
+
+
+@pytest.mark.parametrize("shape", ["llama-3.2-1b", "qwen3-0.6b", "gemma-3-1b", "mistral-7b-v0.3", "phi-4",
+                                   "gpt-oss-20b"])  # fmt: skip
+def test_which_families_keep_packed_rows_apart(tmp_path, shape, one_thread):
+    """Each family at the dry run's size, in float32 with transformers' default attention: a row packed after another
+    (position_ids restarting, no attention_mask, as TRL's padding-free collator gives it) gets the logits it gets
+    alone, except where kernels.MIXES_PACKED_ROWS says it does not (gpt-oss: its model builds the mask without
+    position_ids), and the job trains those one row per sequence."""
+    from transformers import AutoModelForCausalLM
+
+    from bench.synthetic_model import build
+    from job import kernels
+
+    build(shape, tmp_path / shape, tiny=True)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / shape, dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    first, second = torch.randint(5, 200, (7,)), torch.randint(5, 200, (11,))
+    positions = torch.cat([torch.arange(7), torch.arange(11)])[None]
+    with torch.no_grad():
+        packed = model(input_ids=torch.cat([first, second])[None], position_ids=positions, use_cache=False).logits
+        alone = model(input_ids=second[None], use_cache=False).logits
+    moved = (packed[0, 7:] - alone[0]).abs().max().item()
+    assert (moved <= TOLERANCE) == kernels.packs_apart(model), f"{shape}: the second row's logits moved by {moved}"

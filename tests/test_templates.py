@@ -320,3 +320,9 @@ def test_gpt_oss_trains_its_attention_with_the_defaults_and_samples_after(run_jo
     )
     samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 2 and all(s["input"].endswith("<|start|>assistant") for s in samples)  # two: a batch
+    # Its model builds the attention mask without position_ids: packed rows would mix (tests/test_packing.py).
+    assert (
+        "PACKING=true: gpt_oss builds its attention mask without position_ids, so packed rows would attend to "
+        "each other: training one row per sequence" in warnings
+    )
+    assert json.loads((run / "metrics.json").read_text())["packing"] == "off, padded"
