@@ -128,7 +128,7 @@ def stages() -> dict:
         "data_seconds": round(done - read, 1),
         "tokenize_seconds": round(tokenizing["seconds"], 1),
         "tokenized_rows": tokenizing["rows"],
-        "workers": min(data.cores(), tokenizing["rows"] // data.ROWS_PER_WORKER) or 1,
+        "workers": data.workers(tokenizing["rows"], data.cores()) or 1,
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / kib, 2),
         "worker_peak_rss_gib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / kib, 2),
         "peak_anonymous_gib": round(memory.peak / 2**30, 2),

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from job.errors import ConfigInvalid, DatasetInvalid
-from job.storage import sha256_of
+from job.storage import describe_file
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +275,7 @@ def build_rows(files: list[tuple[str, Path]], dataset_format: str, folder: Path)
         if isinstance(exc.__cause__, DatasetInvalid):
             raise exc.__cause__ from None
         raise
-    described = [{"path": source, "bytes": path.stat().st_size, "sha256": sha256_of(path)} for source, path in files]
+    described = [describe_file(path, source) for source, path in files]
     info = {"format": fmt, "rows": len(rows), "files": described, "arrow": _arrow_files(rows, folder)}
     (folder / ROWS_INFO).write_text(json.dumps(info, indent=1))
     log.info("%d rows from %d file(s)", len(rows), len(files), extra={"fields": {"rows": len(rows)}})

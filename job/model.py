@@ -12,6 +12,7 @@ from pathlib import Path
 from job import distributed, kernels
 from job.context import Device
 from job.errors import ConfigInvalid, InputNotFound, first_line
+from job.settings import DEFAULT_LORA_TARGETS
 from job.storage import Storage, hub_token, is_s3
 from job.storage.hub import classify_hub_error
 
@@ -305,7 +306,6 @@ def linear_names(model) -> set[str]:
 # The default LORA_TARGET_MODULES names Llama's projections. Families that fuse some (Phi-3 and microsoft/phi-4: q,
 # k and v in qkv_proj; gate and up in gate_up_proj) get the fused layer in place of its parts, and mixtures of experts
 # whose experts are no linear layers (gpt-oss in transformers 5.17: 3-D parameters) their attention, not exit 78.
-DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 ATTENTION = {"q_proj", "k_proj", "v_proj", "o_proj"}
 
@@ -315,7 +315,7 @@ def lora_targets(settings, linear: set[str]) -> list[str]:
     equivalents where the model has those and none of the parts, and the attention alone where the model has it but
     not the MLP's projections."""
     targets = list(settings.LORA_TARGET_MODULES)
-    if targets != DEFAULT_TARGETS:
+    if targets != DEFAULT_LORA_TARGETS:
         return targets
     for fused, parts in FUSED.items():
         if fused in linear and not set(parts) & linear:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from job import __version__, report
 from job.context import ADAPTER, ATTEMPTS, CONFIG, FAILURE, MANIFEST, TRAIN_LOG, Run
-from job.storage import files_under, sha256_of
+from job.storage import describe_file, files_under
 from job.train import Metrics
 
 LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "unsloth", "boto3")
@@ -79,10 +79,6 @@ def plot_loss(train_log: Path, target: Path) -> None:
     fig.tight_layout()
     fig.savefig(target)
     plt.close(fig)
-
-
-def describe_file(path: Path, name: str) -> dict:
-    return {"path": name, "bytes": path.stat().st_size, "sha256": sha256_of(path)}
 
 
 def describe_tree(folder: Path) -> list[dict]:

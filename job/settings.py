@@ -40,6 +40,9 @@ NOT_TRAINED = frozenset({
     "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL",
 })  # fmt: skip
 
+# Llama's seven projections; job.model.lora_targets reads them per model (fused layers, experts that are no layers).
+DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
 # The platform's own variables are never taken for misspelled settings, however close: those of the container
 # runtime, Kubernetes, torchrun and the launchers that set its PET_ variables (Kubeflow) or their own (Slurm, MPI,
 # SageMaker), CUDA, the libraries the job uses, the CI runners of the dry run (GitHub's RUNNER_NAME), and shells
@@ -129,9 +132,7 @@ class Settings(BaseSettings):
     """LoRA scaling numerator."""
     LORA_DROPOUT: float = Field(default=0.0, ge=0, lt=1)
     """Dropout on the LoRA path."""
-    LORA_TARGET_MODULES: Annotated[list[str], NoDecode] = Field(
-        default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], min_length=1
-    )
+    LORA_TARGET_MODULES: Annotated[list[str], NoDecode] = Field(default=DEFAULT_LORA_TARGETS, min_length=1)
     """Comma-separated names of the linear layers that get adapters. The default's fused equivalents where a model
     joins them (Phi-3 and microsoft/phi-4: qkv_proj, gate_up_proj)."""
 

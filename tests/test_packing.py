@@ -36,23 +36,29 @@ def per_token_losses(model, batch: dict) -> torch.Tensor:
     return F.cross_entropy(logits.transpose(1, 2), batch["input_ids"][:, 1:], reduction="none")
 
 
+def cpu_run(tiny_model_dir, tmp_path, monkeypatch, max_seq_length: int):
+    """Settings, device and run of the job's packed training of the tiny Llama with the hf backend, on CPU even on
+    the GPU host: the 1e-5 tolerance is float32's; the job's bf16 path on a GPU is a test of its own."""
+    from job.context import Device, Run
+    from job.settings import Settings
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    settings = Settings(
+        DATASET_URI="x", OUTPUT_URI="y", BASE_MODEL=str(tiny_model_dir), SCRATCH_DIR=str(tmp_path), PACKING=True,
+        TRAIN_BACKEND="hf", LOAD_IN_4BIT=False, OPTIMIZER="adamw_torch", DRY_RUN=False, MAX_SEQ_LENGTH=max_seq_length,
+    )  # fmt: skip
+    device = Device.detect(settings)
+    return settings, device, Run.build(settings, "packing", device, "hf")
+
+
 def test_packed_rows_train_as_if_alone(tiny_model_dir, tmp_path, monkeypatch, one_thread):
     from trl import SFTTrainer
 
     from job import data, memory, model, templates, train
-    from job.context import Device, Run
-    from job.settings import Settings
 
-    # CPU even on the GPU host: the 1e-5 tolerance is float32's; the job's bf16 path on a GPU is a test of its own.
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     # The demo rows are 96-132 tokens: 400 packs three to a sequence, and the default micro-batch of 2 flattens two
     # sequences into one row of six.
-    settings = Settings(
-        DATASET_URI="x", OUTPUT_URI="y", BASE_MODEL=str(tiny_model_dir), SCRATCH_DIR=str(tmp_path), PACKING=True,
-        TRAIN_BACKEND="hf", LOAD_IN_4BIT=False, OPTIMIZER="adamw_torch", DRY_RUN=False, MAX_SEQ_LENGTH=400,
-    )  # fmt: skip
-    device = Device.detect(settings)
-    run = Run.build(settings, "packing", device, "hf")
+    settings, device, run = cpu_run(tiny_model_dir, tmp_path, monkeypatch, 400)
     base = model.Base(str(tiny_model_dir))
     examples, _ = data.load_examples([("demo", DEMO_DATA)], "alpaca")
     tokenizer = model.load_tokenizer(settings, base, examples)
@@ -146,16 +152,8 @@ def test_trl_packs_a_large_set_in_workers_and_the_same_on_any_machine(tiny_model
     from trl import SFTTrainer
 
     from job import data, memory, model, train
-    from job.context import Device, Run
-    from job.settings import Settings
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    settings = Settings(
-        DATASET_URI="x", OUTPUT_URI="y", BASE_MODEL=str(tiny_model_dir), SCRATCH_DIR=str(tmp_path), PACKING=True,
-        TRAIN_BACKEND="hf", LOAD_IN_4BIT=False, OPTIMIZER="adamw_torch", DRY_RUN=False, MAX_SEQ_LENGTH=256,
-    )  # fmt: skip
-    device = Device.detect(settings)
-    run = Run.build(settings, "workers", device, "hf")
+    settings, device, run = cpu_run(tiny_model_dir, tmp_path, monkeypatch, 256)
     tokenizer = model.load_tokenizer(settings, model.Base(str(tiny_model_dir)), [])
     lm = model.load(settings, device, model.Base(str(tiny_model_dir)), tokenizer, "hf")
     count = int(2.6 * data.ROWS_PER_WORKER)  # two workers' shares, not a multiple of datasets' batch of 1,000

@@ -59,6 +59,11 @@ def sha256_of(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def describe_file(path: Path, name: str) -> dict:
+    """A file as manifests list it: its name there, its size and sha256."""
+    return {"path": name, "bytes": path.stat().st_size, "sha256": sha256_of(path)}
+
+
 def safe_target(dest: Path, relative: str) -> Path:
     """dest/relative, refusing object keys (absolute, ../) that would land outside dest."""
     target = (dest / relative).resolve()
