@@ -10,6 +10,10 @@ length mix; prints a markdown table for docs/benchmarks.md.
 2. The same again on the same scratch folder, as a restarted attempt does: the rows and tokens are reused.
 3. The dry run through the real entry point on the first --dry-run-rows rows (the target: a minute on two cores),
    then its restart.
+
+With --model FOLDER (a GPU host), instead: a real run through entrypoint.py on the --rows rows with that model and
+the job's defaults, MAX_STEPS=5: its seconds per stage and its time to first step, which includes TRL's labelling
+and packing of every row.
 """
 
 import argparse
@@ -159,11 +163,14 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=3_000_000)
     parser.add_argument("--dry-run-rows", type=int, default=300_000)
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-data"))
+    parser.add_argument("--model", type=Path, help="a real run on a GPU with this model instead (the defaults)")
     parser.add_argument("--stages", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.stages:
         print(json.dumps(stages()))
         return 0
+    if args.model:
+        return real_run(args)
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -190,6 +197,25 @@ def main() -> int:
     dry_again = dry_run(dry, work / "dry-run.log")
     print("DRY RESTART " + json.dumps(dry_again), flush=True)
     print(table(args, big, small, first, again, dry_first, dry_again))
+    return 0
+
+
+def real_run(args) -> int:
+    """The whole job on a GPU on --rows rows, five steps: where the time goes before the first one."""
+    args.work.mkdir(parents=True, exist_ok=True)
+    rows = write_rows(args.work / f"rows-{args.rows}.jsonl", args.rows)
+    env = {"DATASET_URI": str(rows), "BASE_MODEL": str(args.model), "OUTPUT_URI": str(args.work / "runs"),
+           "RUN_ID": f"bench-data-gpu-{args.rows}", "SCRATCH_DIR": str(args.work / "scratch-gpu"),
+           "MAX_STEPS": "5", "CHECKPOINT_EVERY_STEPS": "0", "NUM_SAMPLE_PROMPTS": "1", "LOG_FORMAT": "json",
+           "HF_HUB_OFFLINE": "1"}  # fmt: skip
+    for folder in (args.work / "scratch-gpu", args.work / "runs" / env["RUN_ID"]):
+        shutil.rmtree(folder, ignore_errors=True)
+    wall = dry_run(env, args.work / "gpu-run.log")  # the same measurement: wall and seconds_per_stage
+    metrics = json.loads(Path(env["OUTPUT_URI"], env["RUN_ID"], "metrics.json").read_text())
+    print("GPU " + json.dumps(wall | {k: metrics.get(k) for k in ("seconds_to_first_step", "rows", "train_rows")}))
+    stages = ", ".join(f"{k} {v}" for k, v in wall.items())
+    print(f"| real run on a GPU, defaults, 5 steps | {args.rows:,} | {rows.stat().st_size / 1e9:.2f} GB | {stages} "
+          f"| first step at {metrics.get('seconds_to_first_step')} s |")  # fmt: skip
     return 0
 
 
