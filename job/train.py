@@ -45,6 +45,9 @@ class Metrics:
     stopped_early: bool
 
 
+UNSLOTH_WORKERS = "UNSLOTH_DATASET_NUM_PROC"
+
+
 def sft_config(settings, run: Run, plan, has_eval: bool, rows: int = 0, one_length: bool = False,
                packing: bool | None = None):  # fmt: skip
     """TRL's configuration of the run; rows: the training rows (TRL's workers); one_length: packed batches padded
@@ -53,6 +56,11 @@ def sft_config(settings, run: Run, plan, has_eval: bool, rows: int = 0, one_leng
     from trl import SFTConfig
 
     cuda, bf16 = run.device.cuda, run.device.bf16
+    workers = data.workers(rows, most=data.PACKING_WORKERS)
+    if run.backend == "unsloth":
+        # unsloth bounds even an explicit dataset_num_proc by the free memory of the moment (unsloth_zoo's
+        # dataset_num_proc), so a node with less would pack otherwise; it takes its environment override as given.
+        os.environ[UNSLOTH_WORKERS] = str(workers or 0)  # 0: in one process
     return SFTConfig(
         output_dir=str(run.checkpoints),
         per_device_train_batch_size=plan.micro_batch,
@@ -91,7 +99,7 @@ def sft_config(settings, run: Run, plan, has_eval: bool, rows: int = 0, one_leng
         # TRL labels and packs the tokenized rows at the start of training, in Python, about 100 us a row: 1M rows
         # took minutes in one process. Cached beside the tokens, once per run. One process is None to TRL, 1 to
         # unsloth, which reads None as "as many as this machine affords" (unsloth_zoo.dataset_num_proc).
-        dataset_num_proc=data.workers(rows, most=data.PACKING_WORKERS) or (1 if run.backend == "unsloth" else None),
+        dataset_num_proc=workers or (1 if run.backend == "unsloth" else None),
     )
 
 

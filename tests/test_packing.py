@@ -1,6 +1,8 @@
 """PACKING=true keeps rows apart: the job's own trainer configuration (TRL's bfd packing and its padding-free
 collator) on a tiny Llama with LoRA, checked on one packed batch from the trainer's own dataloader, on CPU."""
 
+import dataclasses
+import os
 import random
 from pathlib import Path
 
@@ -176,6 +178,12 @@ def test_trl_packs_a_large_set_in_workers_and_the_same_on_any_machine(tiny_model
     assert one["input_ids"] == other["input_ids"] and one["labels"] == other["labels"]
     assert serial["seq_lengths"] != one["seq_lengths"], "the packs no longer depend on the count: see PACKING_WORKERS"
     assert sum(label != -100 for row in one["labels"] for label in row) == sum(k - k // 3 for k in lengths)
+    # unsloth bounds dataset_num_proc by the free memory of the moment, but not its environment override.
+    unsloth = dataclasses.replace(run, backend="unsloth")
+    for rows_given, workers in ((count, "2"), (0, "0")):
+        monkeypatch.delenv(train.UNSLOTH_WORKERS, raising=False)
+        config = train.sft_config(settings, unsloth, memory.plan(settings, device, "hf", None, 0), False, rows_given)
+        assert os.environ[train.UNSLOTH_WORKERS] == workers and config.dataset_num_proc == max(int(workers), 1)
 
 
 @pytest.mark.parametrize("shape", ["llama-3.2-1b", "qwen3-0.6b", "gemma-3-1b", "mistral-7b-v0.3", "phi-4",
