@@ -126,7 +126,7 @@ def main() -> int:
             log.info("%s was completed by another attempt while this one waited: nothing to do", run.out)
             return 0
         return attempt(settings, storage, run, config, lease)
-    except Exception as exc:  # every failure leaves failure.json (rank 0's) and a termination message
+    except (Exception, preemption.Stop) as exc:  # failure.json (rank 0's) and a termination message for each
         busy = isinstance(exc, runs.RunBusy)  # the run is another attempt's: its folder is not ours to write
         writes = settings.RANK == 0 and not busy  # rank 0 alone writes the run's folder (Device.rank_zero)
         return fail(as_job_error(exc, settings), storage if writes else None, out, lease)
@@ -377,7 +377,9 @@ def make_stage_dir(settings: Settings, stage: Path) -> None:
         ) from None
 
 
-def as_job_error(exc: Exception, settings: Settings) -> Exception:
+def as_job_error(exc: BaseException, settings: Settings) -> Exception:
+    if isinstance(exc, preemption.Stop):
+        return preemption.stopped(" outside training: the next attempt resumes from the last checkpoint")
     # torch.OutOfMemoryError, matched by name so that this module imports without torch.
     if type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(exc):
         return OutOfMemory(

@@ -20,6 +20,12 @@ _requested_at = [0.0]
 _received = ["SIGTERM"]  # the first signal's name
 
 
+class Stop(BaseException):
+    """The signal outside training, raised wherever the main thread is: a BaseException, as KeyboardInterrupt is,
+    so that no `except Exception` (the job's own around a file it reads, or a library's) takes it for a failure of
+    what it interrupted. main() reports it as stopped()'s error."""
+
+
 def install() -> None:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
@@ -47,7 +53,7 @@ def _on_signal(signum, frame) -> None:
             _say(log.warning, "%s: stopping at the next step boundary to commit a checkpoint%s", name, again)
         return
     _say(log.warning, "%s: stopping now", name)
-    raise stopped(" outside training: the next attempt resumes from the last checkpoint")
+    raise Stop
 
 
 def _say(level, message: str, *args, then_exit: int | None = None) -> None:

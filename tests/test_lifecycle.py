@@ -501,3 +501,16 @@ def test_a_signal_during_a_blocked_write_to_stderr_still_gets_its_line():
     assert "Logging error" not in err and "Traceback" not in err, err[-2000:]
     warnings = [json.loads(raw)["message"] for raw in err.splitlines() if '"level": "warning"' in raw]
     assert warnings == ["SIGTERM: stopping at the next step boundary to commit a checkpoint"], err[-2000:]
+
+
+def test_sigterm_while_the_rows_are_read_is_a_preemption_not_a_bad_dataset(start_job, train_env, tmp_path):
+    """SIGTERM outside training raises where the main thread is; while it read the dataset, that was inside the
+    reader's `except Exception` (a file that pandas, pyarrow or gzip cannot read), which made the preemption "cannot
+    be read (Preempted: ...): check the file", exit 65: a failure no retry mends."""
+    rows = tmp_path / "many.jsonl"
+    rows.write_text(jsonl([{"instruction": f"say {n}", "input": "", "output": f"{n} {n}"} for n in range(300_000)]))
+    code, lines = watch(start_job(train_env | {"RUN_ID": "stop-reading", "DATASET_URI": str(rows)}),
+                        lambda line: line["message"].startswith("dataset format:"), delay=0.3)  # fmt: skip
+    errors = [line["message"] for line in lines if line["level"] == "error"]
+    assert code == 143, errors
+    assert errors == ["stopped by SIGTERM outside training: the next attempt resumes from the last checkpoint"]
