@@ -131,8 +131,9 @@ def family_tokenizer(family: str, texts, vocab_size: int = 8000):
     return tokenizer
 
 
-def config(shape: str, tokenizer=None):
-    """The transformers configuration of that shape, its token ids taken from tokenizer when given."""
+def config(shape: str, tokenizer=None, layers: int | None = None):
+    """The transformers configuration of that shape, its token ids taken from tokenizer when given; layers: that
+    many of its decoder layers instead of all (the shape's widths, a small model)."""
     import transformers
 
     spec = FAMILIES[FAMILY[shape]]
@@ -140,6 +141,8 @@ def config(shape: str, tokenizer=None):
     if tokenizer is not None:
         ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                "pad_token_id": tokenizer.pad_token_id}  # fmt: skip
+    if layers:
+        ids["num_hidden_layers"] = layers
     return getattr(transformers, spec.config)(
         **{"vocab_size": spec.vocab, "dtype": "bfloat16"} | spec.settings | SHAPES[shape] | ids
     )
@@ -280,10 +283,11 @@ def write_nf4(model_config, tensors, out: Path, shard_bytes: int = SHARD_BYTES) 
     return parameters
 
 
-def build_nf4(shape: str, out: Path, data: Path = DEMO_DATA, tiny: bool = False) -> None:
+def build_nf4(shape: str, out: Path, data: Path = DEMO_DATA, tiny: bool = False, layers: int | None = None) -> None:
     """The shape as a pre-quantized NF4 checkpoint (unsloth/Meta-Llama-3.1-70B-bnb-4bit is one), beside its family's
     tokenizer, built and quantized module by module (on the GPU when there is one): a 70B never exists in 16-bit,
-    and the host holds about one shard (SHARD_BYTES). tiny: the family at the job's dry-run size, for tests on CPU."""
+    and the host holds about one shard (SHARD_BYTES). tiny: the family at the job's dry-run size, for tests on CPU;
+    layers: that many of the shape's decoder layers (config)."""
     import resource
     import time
 
@@ -292,7 +296,7 @@ def build_nf4(shape: str, out: Path, data: Path = DEMO_DATA, tiny: bool = False)
     from job.model import tiny_model
 
     start, tokenizer = time.time(), family_tokenizer(FAMILY[shape], texts_of(data))
-    model_config = tiny_model(config(shape, tokenizer), tokenizer).config if tiny else config(shape, tokenizer)
+    model_config = tiny_model(config(shape, tokenizer), tokenizer).config if tiny else config(shape, tokenizer, layers)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     parameters = write_nf4(model_config, random_tensors(model_config, device), out)
     tokenizer.save_pretrained(out)

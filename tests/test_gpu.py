@@ -196,6 +196,49 @@ def test_packed_rows_stay_apart_in_bf16(tmp_path, small_model, backend):
     assert abs(packed - apart) <= 0.02 * abs(apart), (packed, apart)
 
 
+# Each family's small shape: the published widths, all layers for the 1B ones, two for the 7-20B ones.
+FAMILY_SHAPES = {"llama-3.2-1b": None, "qwen3-0.6b": None, "gemma-3-1b": None, "mistral-7b-v0.3": 2, "phi-4": 2,
+                 "gpt-oss-20b": 2}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def family_runs(tmp_path_factory) -> dict:
+    """Each family's small shape, pre-quantized in NF4 with its chat template, trained through the entry point with the
+    job's defaults (unsloth, packing, the automatic batch) on the task: all at once, so that their imports overlap.
+    shape -> (exit code, run folder, log)."""
+    from bench.synthetic_model import build_nf4
+
+    work = tmp_path_factory.mktemp("families")
+    (work / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TASK))
+    started = {}
+    for shape, layers in FAMILY_SHAPES.items():
+        build_nf4(shape, work / shape, layers=layers)
+        env = {"BASE_MODEL": str(work / shape), "DATASET_URI": str(work / "task.jsonl"), "RUN_ID": shape,
+               "OUTPUT_URI": str(work / "out"), "MAX_STEPS": "15", "LEARNING_RATE": "3e-3", "WARMUP_STEPS": "2",
+               "MAX_SEQ_LENGTH": "256", "CHECKPOINT_EVERY_STEPS": "0", "NUM_SAMPLE_PROMPTS": "2",
+               "MAX_NEW_TOKENS": "8", "LOG_FORMAT": "json", "SCRATCH_DIR": str(work / "scratch"),
+               "HF_HUB_OFFLINE": "1"}  # fmt: skip
+        log = (work / f"{shape}.log").open("w")
+        started[shape] = subprocess.Popen([sys.executable, str(ROOT / "entrypoint.py")], env=os.environ | env,
+                                          stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    return {shape: (proc.wait(timeout=900), work / "out" / shape, (work / f"{shape}.log").read_text())
+            for shape, proc in started.items()}  # fmt: skip
+
+
+@pytest.mark.parametrize("shape", FAMILY_SHAPES)
+def test_each_family_trains_with_the_defaults_and_answers_in_its_template(family_runs, shape):
+    code, run, log = family_runs[shape]
+    assert code == 0, log[-5000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["final_loss"] < 0.5 * metrics["first_loss"], metrics
+    print(f"{shape}: attention {metrics['attention']}, packing {metrics['packing']}, loss {metrics['first_loss']:.3f}"
+          f" -> {metrics['final_loss']:.3f}, first step at {metrics['seconds_to_first_step']} s")  # fmt: skip
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 2 and all(s["response"] != s["base_response"] for s in samples), samples
+    if shape.startswith("gemma"):  # compiled per batch length by unsloth: one length only (kernels.compiles_per_length)
+        assert "packed batches padded to" in log, log[-3000:]
+
+
 def test_the_merged_1b_model_answers_as_its_16bit_base_with_the_adapter(tmp_path):
     """EXPORT=merged_16bit after 4-bit training with unsloth, on the 1B shape: the published merged model's logits equal
     those of the 16-bit base with the published adapter, far closer than the adapter's own effect on them."""
