@@ -5,6 +5,8 @@ batch), beside the defaults on full 2,048-token rows; prints a markdown table fo
     python bench/real_data.py --shape llama-3-8b --backend unsloth [--steps 20] [--out bench-results]
 
 Useful tokens are the tokens trained (every non-padding token). The estimate is the job's own pre-flight peak.
+MFU: steady useful tokens/s x 4N FLOPs (N the model's parameters) against a bf16 matmul peak measured first, in a
+process of its own (bench/train_bench.py's).
 """
 
 import argparse
@@ -24,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.synthetic_model import DEMO_DATA, build  # noqa: E402
 from bench.train_bench import steady_spans  # noqa: E402
+from job.model import parameter_count  # noqa: E402
 
 RUNS = {  # key: (what the table calls it, dataset, settings beside the job's defaults)
     "full": ("full rows, defaults", "full", {}),
@@ -115,6 +118,12 @@ def main() -> int:
     if not model.is_dir():
         build(args.shape, model, quantized=True)
     data = {"short": write(alpaca_like(6000), work / "short.jsonl"), "full": write(full_rows(400), work / "full.jsonl")}
+    measure = "from bench.train_bench import matmul_peak_tflops; print(matmul_peak_tflops())"
+    peak = float(subprocess.run([sys.executable, "-c", measure], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout)  # fmt: skip
+    from transformers import AutoConfig
+
+    parameters = parameter_count(AutoConfig.from_pretrained(model))
     results = []
     for key in args.runs.split(","):
         name, dataset, settings = RUNS[key]
@@ -123,7 +132,8 @@ def main() -> int:
                "RUN_ID": tag, "TRAIN_BACKEND": args.backend, "MAX_STEPS": str(args.steps), "LOG_FORMAT": "json",
                "NUM_SAMPLE_PROMPTS": "2", "MAX_NEW_TOKENS": "32", "SCRATCH_DIR": str(work / "scratch"),
                "CHECKPOINT_EVERY_STEPS": "0", **settings}  # fmt: skip
-        result = run_job(tag, env, work) | {"shape": args.shape, "backend": args.backend, "run": name}
+        result = run_job(tag, env, work) | {"shape": args.shape, "backend": args.backend, "run": name,
+                                            "parameters": parameters, "matmul_peak_tflops": round(peak)}  # fmt: skip
         results.append(result)
         print("REAL " + json.dumps(result), flush=True)
     with (args.out / "real-data.jsonl").open("a") as f:
@@ -135,24 +145,27 @@ def main() -> int:
 def table(results: list[dict]) -> str:
     lines = [
         "| shape | backend | run | micro-batch x accumulation, checkpointing | useful tokens/s steady | whole | "
-        "vs full rows (steady) | rows trained | wall s | first step s | peak GiB | estimated GiB | estimate error |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "vs full rows (steady) | MFU | rows trained | wall s | first step s | peak GiB | estimated GiB | "
+        "estimate error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     full = {(r["shape"], r["backend"]): r for r in results if r["run"] == RUNS["full"][0] and r["exit"] == 0}
     for r in results:
         if r["exit"]:
-            lines.append(f"| {r['shape']} | {r['backend']} | {r['run']} | exit {r['exit']} | | | | | | | | | |")
+            lines.append(f"| {r['shape']} | {r['backend']} | {r['run']} | exit {r['exit']} | | | | | | | | | | |")
             continue
         base = full.get((r["shape"], r["backend"]))
         steady = r["steady_tokens_per_second"]
         versus = f"{steady / base['steady_tokens_per_second']:.0%}" if base and steady else ""
         peak, estimate = r["peak_gpu_memory_gib"], r["estimated_peak_gpu_memory_gib"]
         error = f"{estimate / peak - 1:+.0%}" if peak and estimate else ""
+        flops = 4 * r.get("parameters", 0) / (r.get("matmul_peak_tflops", 1) * 1e12)
+        mfu = f"{steady * flops:.0%}" if steady and flops else ""
         lines.append(
             f"| {r['shape']} | {r['backend']} | {r['run']} | {r['micro_batch']} x {r['grad_accum']}, "
             f"{'on' if r['activation_checkpointing'] else 'off'} | {steady or 0:,} | {r['tokens_per_second']:,.0f} | "
-            f"{versus} | {r['rows']} | {r['wall_seconds']} | {r['seconds_to_first_step']} | {peak} | {estimate} | "
-            f"{error} |"
+            f"{versus} | {mfu} | {r['rows']} | {r['wall_seconds']} | {r['seconds_to_first_step']} | {peak} | "
+            f"{estimate} | {error} |"
         )
     # What AUTO_BATCH changes is the split, not the learning: the loss curves of "packed" (as given) and "defaults"
     # (automatic), the same effective batch and seed.
