@@ -204,8 +204,8 @@ FAMILY_SHAPES = {"llama-3.2-1b": None, "qwen3-0.6b": None, "gemma-3-1b": None, "
 @pytest.fixture(scope="module")
 def family_runs(tmp_path_factory) -> dict:
     """Each family's small shape, pre-quantized in NF4 with its chat template, trained through the entry point with the
-    job's defaults (unsloth, packing, the automatic batch) on the task: all at once, so that their imports overlap.
-    shape -> (exit code, run folder, log)."""
+    job's defaults (unsloth, packing, the automatic batch) on the task: all at once, so that their imports overlap,
+    each with a compile folder of its own. shape -> (exit code, run folder, log)."""
     from bench.synthetic_model import build_nf4
 
     work = tmp_path_factory.mktemp("families")
@@ -217,7 +217,7 @@ def family_runs(tmp_path_factory) -> dict:
                "OUTPUT_URI": str(work / "out"), "MAX_STEPS": "15", "LEARNING_RATE": "3e-3", "WARMUP_STEPS": "2",
                "MAX_SEQ_LENGTH": "256", "CHECKPOINT_EVERY_STEPS": "0", "NUM_SAMPLE_PROMPTS": "2",
                "MAX_NEW_TOKENS": "8", "LOG_FORMAT": "json", "SCRATCH_DIR": str(work / "scratch"),
-               "HF_HUB_OFFLINE": "1"}  # fmt: skip
+               "HF_HUB_OFFLINE": "1", "UNSLOTH_COMPILE_LOCATION": str(work / "compiled" / shape)}  # fmt: skip
         log = (work / f"{shape}.log").open("w")
         started[shape] = subprocess.Popen([sys.executable, str(ROOT / "entrypoint.py")], env=os.environ | env,
                                           stdout=log, stderr=subprocess.STDOUT)  # fmt: skip

@@ -505,8 +505,8 @@ def test_a_signal_during_a_blocked_write_to_stderr_still_gets_its_line():
 
 def test_sigterm_while_the_rows_are_read_is_a_preemption_not_a_bad_dataset(start_job, train_env, tmp_path):
     """SIGTERM outside training raises where the main thread is; while it read the dataset, that was inside the
-    reader's `except Exception` (a file that pandas, pyarrow or gzip cannot read), which made the preemption "cannot
-    be read (Preempted: ...): check the file", exit 65: a failure no retry mends."""
+    reader's `except Exception` (for a file that pandas, pyarrow or gzip cannot read) and the datasets builder's,
+    which made the preemption a DatasetGenerationError, exit 1: a failure that a Job's podFailurePolicy ends."""
     rows = tmp_path / "many.jsonl"
     rows.write_text(jsonl([{"instruction": f"say {n}", "input": "", "output": f"{n} {n}"} for n in range(300_000)]))
     code, lines = watch(start_job(train_env | {"RUN_ID": "stop-reading", "DATASET_URI": str(rows)}),
