@@ -147,15 +147,16 @@ def run_stages(env: dict, log: Path) -> dict:
     return json.loads(done.stdout.splitlines()[-1])
 
 
-def dry_run(env: dict, log: Path) -> dict:
+def whole_job(env: dict, log: Path) -> tuple[dict, dict]:
+    """entrypoint.py with env: its wall and stage seconds, and its metrics.json."""
     start = time.perf_counter()
     with log.open("a") as f:
         code = subprocess.run([sys.executable, str(ROOT / "entrypoint.py")], env=os.environ | env, stderr=f).returncode
     wall = time.perf_counter() - start
     if code:
-        raise SystemExit(f"the dry run exited {code}: see {log}")
-    [metrics] = Path(env["OUTPUT_URI"], env["RUN_ID"]).glob("metrics.json")
-    return {"wall_seconds": round(wall, 1), **json.loads(metrics.read_text())["seconds_per_stage"]}
+        raise SystemExit(f"entrypoint.py exited {code}: see {log}")
+    metrics = json.loads(Path(env["OUTPUT_URI"], env["RUN_ID"], "metrics.json").read_text())
+    return {"wall_seconds": round(wall, 1), **metrics["seconds_per_stage"]}, metrics
 
 
 def main() -> int:
@@ -191,10 +192,10 @@ def main() -> int:
     again = run_stages(real, work / "stages.log")
     print("RESTART " + json.dumps(again), flush=True)
     dry = common | {"DATASET_URI": str(small), "RUN_ID": "bench-dry-run", "DRY_RUN": "true", "EVAL_FRACTION": "0.1"}
-    dry_first = dry_run(dry, work / "dry-run.log")
+    dry_first, _ = whole_job(dry, work / "dry-run.log")
     print("DRY " + json.dumps(dry_first), flush=True)
     (work / "runs" / "bench-dry-run" / "manifest.json").unlink()  # so that the next attempt runs it again
-    dry_again = dry_run(dry, work / "dry-run.log")
+    dry_again, _ = whole_job(dry, work / "dry-run.log")
     print("DRY RESTART " + json.dumps(dry_again), flush=True)
     print(table(args, big, small, first, again, dry_first, dry_again))
     return 0
@@ -210,8 +211,7 @@ def real_run(args) -> int:
            "HF_HUB_OFFLINE": "1"}  # fmt: skip
     for folder in (args.work / "scratch-gpu", args.work / "runs" / env["RUN_ID"]):
         shutil.rmtree(folder, ignore_errors=True)
-    wall = dry_run(env, args.work / "gpu-run.log")  # the same measurement: wall and seconds_per_stage
-    metrics = json.loads(Path(env["OUTPUT_URI"], env["RUN_ID"], "metrics.json").read_text())
+    wall, metrics = whole_job(env, args.work / "gpu-run.log")
     print("GPU " + json.dumps(wall | {k: metrics.get(k) for k in ("seconds_to_first_step", "rows", "train_rows")}))
     stages = ", ".join(f"{k} {v}" for k, v in wall.items())
     print(f"| real run on a GPU, defaults, 5 steps | {args.rows:,} | {rows.stat().st_size / 1e9:.2f} GB | {stages} "

@@ -25,7 +25,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.synthetic_model import DEMO_DATA, build  # noqa: E402
-from bench.train_bench import steady_spans  # noqa: E402
+from bench.train_bench import mfu, steady_spans  # noqa: E402
 from job.model import parameter_count  # noqa: E402
 
 RUNS = {  # key: (what the table calls it, dataset, settings beside the job's defaults)
@@ -159,12 +159,12 @@ def table(results: list[dict]) -> str:
         versus = f"{steady / base['steady_tokens_per_second']:.0%}" if base and steady else ""
         peak, estimate = r["peak_gpu_memory_gib"], r["estimated_peak_gpu_memory_gib"]
         error = f"{estimate / peak - 1:+.0%}" if peak and estimate else ""
-        flops = 4 * r.get("parameters", 0) / (r.get("matmul_peak_tflops", 1) * 1e12)
-        mfu = f"{steady * flops:.0%}" if steady and flops else ""
+        measured = steady and "parameters" in r  # rows of earlier results have no MFU
+        utilisation = f"{mfu(steady, r['parameters'], r['matmul_peak_tflops']):.0%}" if measured else ""
         lines.append(
             f"| {r['shape']} | {r['backend']} | {r['run']} | {r['micro_batch']} x {r['grad_accum']}, "
             f"{'on' if r['activation_checkpointing'] else 'off'} | {steady or 0:,} | {r['tokens_per_second']:,.0f} | "
-            f"{versus} | {mfu} | {r['rows']} | {r['wall_seconds']} | {r['seconds_to_first_step']} | {peak} | "
+            f"{versus} | {utilisation} | {r['rows']} | {r['wall_seconds']} | {r['seconds_to_first_step']} | {peak} | "
             f"{estimate} | {error} |"
         )
     # What AUTO_BATCH changes is the split, not the learning: the loss curves of "packed" (as given) and "defaults"

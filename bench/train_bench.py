@@ -61,6 +61,11 @@ def matmul_peak_tflops() -> float:
     return 2 * 8192**3 * runs / (time.perf_counter() - start) / 1e12
 
 
+def mfu(tokens_per_second: float, parameters: int, peak_tflops: float, gpus: int = 1) -> float:
+    """Model FLOPs utilisation: 4N FLOPs a token (forward and input-gradient passes over N frozen parameters)."""
+    return tokens_per_second * 4 * parameters / (peak_tflops * 1e12 * gpus)
+
+
 def synthetic_rows(count: int, words: int, seed: int = 0) -> list[dict]:
     vocabulary = DEMO_DATA.read_text().split()
     rng = random.Random(seed)
@@ -124,7 +129,7 @@ def main() -> int:
         "tokens_per_second": round(tokens_per_second), "peak_gpu_gib": metrics.peak_gpu_memory_gib,
         "estimated_gib": plan.estimate_gib, "micro_batch": plan.micro_batch, "checkpointing": plan.checkpointing,
         "seconds_to_first_step": round(steps[0]["time"] - START, 1), "parameters": parameters,
-        "mfu": round(tokens_per_second * 4 * parameters / (peak * 1e12 * settings.WORLD_SIZE), 4) if peak else None,
+        "mfu": round(mfu(tokens_per_second, parameters, peak, settings.WORLD_SIZE), 4) if peak else None,
         "matmul_peak_tflops": round(peak, 1) if peak else None,
         "gpu": torch.cuda.get_device_name() if peak else "cpu",
         "torch": torch.__version__, "final_loss": metrics.final_loss,

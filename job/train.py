@@ -52,7 +52,8 @@ def sft_config(settings, run: Run, plan, has_eval: bool, rows: int = 0, one_leng
                packing: bool | None = None):  # fmt: skip
     """TRL's configuration of the run; rows: the training rows (TRL's workers); one_length: packed batches padded
     to the largest (micro-batch x MAX_SEQ_LENGTH tokens), for models compiled per length
-    (kernels.compiles_per_length); packing: PACKING unless given (kernels.packs_apart)."""
+    (kernels.compiles_per_length); packing: PACKING unless given (kernels.packs_apart). With unsloth, also sets
+    UNSLOTH_DATASET_NUM_PROC to TRL's worker count."""
     from trl import SFTConfig
 
     cuda, bf16 = run.device.cuda, run.device.bf16
