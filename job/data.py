@@ -12,6 +12,7 @@ No stage holds the rows as Python objects: they stream from the files into Arrow
 memory-maps both.
 """
 
+import bisect
 import functools
 import gzip
 import hashlib
@@ -422,7 +423,8 @@ def tokenize(tokenizer, rows, responses_only: bool, cache_file: Path | None = No
             texts.append(with_bos(bos, text))
             shift = len(texts[-1]) - len(text)
             all_spans.append([(s + shift, e + shift) for s, e in spans] if responses_only else [(0, len(texts[-1]))])
-        encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False,
+                            return_token_type_ids=False)  # fmt: skip
         masks = [in_spans(offsets, spans) for offsets, spans in zip(encoded["offset_mapping"], all_spans)]
         return {"input_ids": encoded["input_ids"], "assistant_masks": masks}
 
@@ -455,13 +457,13 @@ def cores(most: int | None = None) -> int:
 
 
 def in_spans(offsets: list, spans: list) -> list[int]:
-    """1 for each token whose first character lies in one of the spans (in order, not overlapping), else 0: one
-    walk over both (a test of every token against every span took 5 of 14 s on 6,000 rows)."""
-    mask, i = [], 0
-    for start, _ in offsets:
-        while i < len(spans) and spans[i][1] <= start:
-            i += 1
-        mask.append(int(i < len(spans) and spans[i][0] <= start))
+    """1 for each token whose first character lies in one of the spans, else 0; offsets in order, as the tokenizer
+    gives them: a bisection per span (a walk over every token took a quarter of the data stage)."""
+    starts = [start for start, _ in offsets]
+    mask = [0] * len(starts)
+    for start, end in spans:
+        first, last = bisect.bisect_left(starts, start), bisect.bisect_left(starts, end)
+        mask[first:last] = [1] * (last - first)
     return mask
 
 

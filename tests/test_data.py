@@ -250,6 +250,14 @@ def test_every_assistant_turn_of_a_chat_is_trained(tokenizer):
     assert "one" not in trained.replace("answer", "") and "user" not in trained
 
 
+def test_the_loss_mask_takes_the_tokens_that_start_inside_an_answer():
+    # Token offsets as a byte-level tokenizer gives them: two tokens of one multi-byte character share an offset.
+    offsets = [(0, 3), (3, 4), (4, 5), (4, 5), (5, 7), (7, 8), (8, 9), (9, 10)]
+    assert data.in_spans(offsets, [(3, 5), (7, 9)]) == [0, 1, 1, 1, 0, 1, 1, 0]
+    assert data.in_spans(offsets, [(1, 4), (6, 10)]) == [0, 1, 0, 0, 0, 1, 1, 1]  # a token starting before is out
+    assert data.in_spans(offsets, [(0, 10)]) == [1] * 8 and data.in_spans(offsets, []) == [0] * 8
+
+
 def test_raw_completions_end_with_eos(tokenizer):
     examples = [data.to_example(ROWS["prompt_completion"], "prompt_completion")]
     trained = masked_text(tokenizer, data.tokenize(tokenizer, examples, responses_only=True))
