@@ -346,7 +346,7 @@ def render(tokenizer, example: dict) -> tuple[str, list[tuple[int, int]]]:
     messages = example["messages"]
     turns = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
     text = _render(tokenizer, messages)
-    upto = [_render(tokenizer, messages[: i + 1]) for i in turns]
+    upto = [text if i == len(messages) - 1 else _render(tokenizer, messages[: i + 1]) for i in turns]
     if all(text.startswith(chat) for chat in upto):
         return text, [(_prompt_end(tokenizer, messages[:i], text), len(chat)) for i, chat in zip(turns, upto)]
     template = _training_template(tokenizer, tokenizer.chat_template)
