@@ -23,6 +23,7 @@ from job import (
     data,
     distributed,
     export,
+    kernels,
     launch,
     logs,
     memory,
@@ -235,15 +236,20 @@ def prepare_data(settings: Settings, run: Run, base: model.Base, inputs: Inputs)
     tokenizer = model.load_tokenizer(settings, base, rows.select(train_rows[: data.DRY_RUN_ROWS]))
     template = templates.choose(tokenizer, settings.CHAT_TEMPLATE, inputs.format)
     tokenizer.chat_template = template or tokenizer.chat_template
-    train_ds, eval_ds, lengths = tokenize_rows(settings, run, inputs.folder, rows, tokenizer, train_rows, held_out)
+    model_config = model.config_of(base, settings)  # read once: packing, the LORA_R bound, the plan and the export
+    packing = settings.PACKING and kernels.packs_apart(model_config)
+    if settings.PACKING and not packing and run.device.rank_zero:
+        log.warning("PACKING=true: %s builds its attention mask without position_ids, so packed rows would attend to "
+                    "each other: training one row per sequence", model_config.model_type)  # fmt: skip
+    train_ds, eval_ds, lengths = tokenize_rows(settings, run, inputs.folder, rows, tokenizer, train_rows, held_out,
+                                               packing)  # fmt: skip
     asked = held_out if len(held_out) else train_rows
     prompt_rows = inputs.sample_prompts or rows.select(asked[: settings.NUM_SAMPLE_PROMPTS]).to_list()
     exporting = settings.EXPORT == "merged_16bit"
-    model_config = model.config_of(base, settings)  # read once: the LORA_R bound, the plan and the export read it
     quantized = getattr(model_config, "quantization_config", None) is not None  # a pre-quantized checkpoint
     if exporting and not run.dry_run:
         export.source_16bit(settings, quantized)
-    row_tokens = settings.MAX_SEQ_LENGTH if settings.PACKING else min(settings.MAX_SEQ_LENGTH, lengths["longest"])
+    row_tokens = settings.MAX_SEQ_LENGTH if packing else min(settings.MAX_SEQ_LENGTH, lengths["longest"])
     plan = memory.plan(settings, run.device, run.backend, model_config, row_tokens)
     log.info(
         "batch: %d sequences per step per GPU as %d x %d, activation checkpointing %s (%s; estimated peak %s "
@@ -255,21 +261,22 @@ def prepare_data(settings: Settings, run: Run, base: model.Base, inputs: Inputs)
                 data.sample_inputs(tokenizer, prompt_rows), quantized, plan)  # fmt: skip
 
 
-def tokenize_rows(settings: Settings, run: Run, folder: Path, rows, tokenizer, train_rows, held_out) -> tuple:
-    """The training and held-out rows tokenized, and the training rows' data.check_lengths: once per run, by one rank
-    per node into the run's scratch folder beside the rows, where a restarted attempt finds them; every rank maps
-    the files. A dry run tokenizes a random sample of data.DRY_RUN_ROWS training rows (its steps read a few) and
-    estimates the counts from it."""
+def tokenize_rows(settings: Settings, run: Run, folder: Path, rows, tokenizer, train_rows, held_out,
+                  packing: bool) -> tuple:  # fmt: skip
+    """The training and held-out rows tokenized (and packed, when packing), and the training rows'
+    data.check_lengths: once per run, by one rank per node into the run's scratch folder beside the rows, where a
+    restarted attempt finds them; every rank maps the files. A dry run tokenizes a random sample of data.DRY_RUN_ROWS
+    training rows (its steps read a few) and estimates the counts from it."""
     device, responses_only, max_seq_length = run.device, settings.TRAIN_ON_RESPONSES_ONLY, settings.MAX_SEQ_LENGTH
     train, held = train_rows, held_out
     if run.dry_run:
         train, held = train_rows[: data.DRY_RUN_ROWS], held_out[: data.DRY_RUN_EVAL_ROWS]
     tokens = data.tokens_folder(folder, tokenizer, responses_only, settings.EVAL_FRACTION, settings.SEED,
-                                max_seq_length, len(train), len(held))  # fmt: skip
+                                max_seq_length, len(train), len(held), packing)  # fmt: skip
     distributed.together(
         device,
         lambda: data.tokenize_split(
-            tokenizer, rows, train, held, responses_only, max_seq_length, tokens, settings.DATA_WORKERS
+            tokenizer, rows, train, held, responses_only, max_seq_length, tokens, settings.DATA_WORKERS, packing
         ),
         here=device.local_zero,
     )
@@ -404,7 +411,9 @@ def fail(exc: Exception, storage: Storage | None, out: str | None, lease: runs.L
     record = {"exit_code": code, "class": CLASSES.get(code, "unexpected"), "error": kind,
               "stage": logs.current_stage(), "message": message}  # fmt: skip
     record |= getattr(exc, "fields", {})
-    termination_log = Path("/dev/termination-log")  # Kubernetes mounts this file; elsewhere it is absent
+    # Kubernetes mounts this file; elsewhere it is absent. Read as configuration errors are: with no Settings.
+    default = Settings.model_fields["TERMINATION_MESSAGE_PATH"].default
+    termination_log = Path(os.environ.get("TERMINATION_MESSAGE_PATH") or default)
     if termination_log.is_file():
         termination_log.write_text(f"exit {code} {kind}: {message}"[:4000] + "\n")
     if storage is not None and out is not None:

@@ -1,6 +1,7 @@
-"""TRL's preparation of the job's tokenized rows at the start of training (labels, then best-fit packing into
-MAX_SEQ_LENGTH rows): the SFTTrainer the job builds (job.train.sft_config), timed with the job's worker count and
-with one process, on CPU; prints a markdown table for docs/benchmarks.md.
+"""The preparation of the job's tokenized rows for training (labels, then best-fit packing into MAX_SEQ_LENGTH rows):
+the job's own (data.pack) with its worker count and in one process, against TRL's preparation inside the SFTTrainer
+(the job's before 2026-12-05; unsloth's replacement of it runs in one process), on CPU; prints a markdown table for
+docs/benchmarks.md.
 
     python bench/trl_prep.py [--rows 200000] [--work /tmp/bench-trl-prep]
 
@@ -56,16 +57,22 @@ def main() -> None:
 
     Dataset.from_generator(rows, cache_dir=str(args.work / "cache")).save_to_disk(args.work / "tokens")
     print(f"{args.rows:,} rows, {sum(lengths):,} tokens, {os.cpu_count()} CPUs, cores() {data.cores()}")
-    print("| workers | seconds | rows/s | packed rows |\n|---|---|---|---|")
-    for rows_given in (args.rows, 0):  # the job's count, then one process
+    print("| preparation | workers | seconds | rows/s | packed rows |\n|---|---|---|---|---|")
+    for most in (data.PACKING_WORKERS, 1):  # the job's count, then one process
+        data.PACKING_WORKERS = most
         tokens = load_from_disk(args.work / "tokens")
-        tokens.cleanup_cache_files()  # each run starts from the tokens alone
-        config = train.sft_config(settings, run, memory.plan(settings, device, "hf", None, 0), False, rows_given)
         start = time.perf_counter()
-        trainer = SFTTrainer(model=lm, args=config, train_dataset=tokens, processing_class=tokenizer)
+        packed = data.pack(tokens, settings.MAX_SEQ_LENGTH, args.work / f"packed-{most}" / "train.arrow")
         seconds = time.perf_counter() - start
-        print(f"| {config.dataset_num_proc or 1} | {seconds:.1f} | {args.rows / seconds:,.0f} | "
-              f"{len(trainer.train_dataset):,} |")  # fmt: skip
+        count = data.workers(args.rows, most, data.PACKING_ROWS_PER_WORKER) or 1
+        print(f"| the job's (data.pack) | {count} | {seconds:.1f} | {args.rows / seconds:,.0f} | {len(packed):,} |")
+    tokens = load_from_disk(args.work / "tokens")
+    config = train.sft_config(settings, run, memory.plan(settings, device, "hf", None, 0), False)
+    config.packing, config.dataset_num_proc = True, None  # TRL's own preparation, in one process (as unsloth runs it)
+    start = time.perf_counter()
+    trainer = SFTTrainer(model=lm, args=config, train_dataset=tokens, processing_class=tokenizer)
+    seconds = time.perf_counter() - start
+    print(f"| TRL's (SFTTrainer) | 1 | {seconds:.1f} | {args.rows / seconds:,.0f} | {len(trainer.train_dataset):,} |")
 
 
 if __name__ == "__main__":

@@ -28,12 +28,13 @@ from job.storage import describe_file
 
 log = logging.getLogger(__name__)
 
-# Rendering (the chat template) and tokenizing take 0.4 to 0.7 ms a row a core (docs/benchmarks.md, 2026-12-04);
-# a worker process costs about a second.
+# Rendering (the chat template) and tokenizing take 0.2 to 0.5 ms a row a core (docs/benchmarks.md); a worker
+# process costs about a second.
 ROWS_PER_WORKER = 2000
-# TRL packs each worker's share of the rows apart (best fit in batches of 1,000), so the packs change with the
-# worker count: it is fixed by the rows alone, never by the machine, and an attempt resumed on another node trains
-# the same sequences in the same order.
+# Labelling and packing (pack) take about 40 us a row. TRL packs each worker's share of the rows apart (best fit in
+# batches of 1,000), so the packs change with the worker count: it is fixed by the rows alone, never by the machine,
+# and an attempt resumed on another node trains the same sequences in the same order.
+PACKING_ROWS_PER_WORKER = 20_000
 PACKING_WORKERS = 8
 CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "quota period", or "max period" without a CPU limit
 # A dry run tokenizes this many training rows, drawn at random: its steps' rows, and the sample that its length
@@ -436,10 +437,10 @@ def tokenize(tokenizer, rows, responses_only: bool, cache_file: Path | None = No
                     new_fingerprint=cache_file and digest(str(cache_file)), desc="tokenize")  # fmt: skip
 
 
-def workers(rows: int, most: int) -> int | None:
-    """The processes a map over rows takes (datasets' num_proc): one per ROWS_PER_WORKER rows, up to most; None
-    (this process) for one."""
-    count = min(most, rows // ROWS_PER_WORKER)
+def workers(rows: int, most: int, per: int = ROWS_PER_WORKER) -> int | None:
+    """The processes a map over rows takes (datasets' num_proc): one per `per` rows, up to most; None (this process)
+    for one."""
+    count = min(most, rows // per)
     return count if count > 1 else None
 
 
@@ -522,9 +523,9 @@ def tokens_folder(rows: Path, tokenizer, *settings) -> Path:
 
 
 def tokenize_split(tokenizer, rows, train, held, responses_only: bool, max_seq_length: int, folder: Path,
-                   most: int | None = None) -> None:  # fmt: skip
+                   most: int | None = None, packing: bool = False) -> None:  # fmt: skip
     """The training and held-out rows (indices into rows) tokenized into folder, the training rows' lengths checked,
-    and tokens.json written last; nothing when an earlier attempt did it."""
+    both packed when packing (pack), and tokens.json written last; nothing when an earlier attempt did it."""
     if (folder / TOKENS_INFO).is_file():
         log.info("data: reusing the tokenized rows of an earlier attempt from %s", folder)
         return
@@ -536,9 +537,65 @@ def tokenize_split(tokenizer, rows, train, held, responses_only: bool, max_seq_l
     train_ds = tokenize(tokenizer, rows.select(train), responses_only, folder / "train.arrow", most)
     lengths = check_lengths(train_ds, max_seq_length)
     eval_ds = tokenize(tokenizer, rows.select(held), responses_only, folder / "eval.arrow", most) if len(held) else None
+    if packing:
+        train_ds = pack(train_ds, max_seq_length, folder / "train-packed.arrow")
+        eval_ds = eval_ds and pack(eval_ds, max_seq_length, folder / "eval-packed.arrow")
+        log.info("data: %d training rows packed into %d sequences of up to %d tokens", len(train), len(train_ds),
+                 max_seq_length, extra={"fields": {"packed_sequences": len(train_ds)}})  # fmt: skip
     info = {"train": _arrow_files(train_ds, folder), "eval": eval_ds and _arrow_files(eval_ds, folder),
             "lengths": lengths}  # fmt: skip
     (folder / TOKENS_INFO).write_text(json.dumps(info, indent=1))
+
+
+def pack(dataset, max_seq_length: int, cache_file: Path | None = None):
+    """The tokenized rows as the trainer takes them packed: input_ids and labels (the id where the token counts in the
+    loss, else -100) of the rows that keep a trained token once cut to max_seq_length, in TRL's best-fit-decreasing
+    bins of up to max_seq_length tokens, each with its rows' seq_lengths (TRL's padding-free collator restarts
+    position_ids at each row). TRL packs each batch of 1,000 rows of each worker's share apart, so the workers are
+    fixed by the row count (PACKING_ROWS_PER_WORKER), never by the machine: an attempt resumed on a node of other
+    cores trains the same sequences. Written to cache_file when given (with a _labels file beside it)."""
+    from trl.data_utils import pack_dataset
+
+    count = workers(len(dataset), PACKING_WORKERS, PACKING_ROWS_PER_WORKER)
+
+    def where(suffix: str) -> dict:
+        path = cache_file and cache_file.with_name(cache_file.stem + suffix + cache_file.suffix)
+        return {"cache_file_name": path and str(path), "new_fingerprint": path and digest(str(path))}
+
+    labelled = dataset.with_format("arrow").map(
+        _labels, batched=True, fn_kwargs={"max_seq_length": max_seq_length}, remove_columns=dataset.column_names,
+        num_proc=count, desc="labels", **where("_labels"),
+    )  # fmt: skip
+    return pack_dataset(labelled.with_format(None), max_seq_length, "bfd", {"num_proc": count, **where("")})
+
+
+def _labels(batch, max_seq_length: int):
+    """A batch of tokenized rows (a pyarrow Table) as input_ids and labels, less the rows without a trained token in
+    their first max_seq_length (TRL's packing keeps each row's start): the loss would have nothing of them."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    ids, masks = batch["input_ids"].combine_chunks(), batch["assistant_masks"].combine_chunks()
+    kept = pc.list_slice(masks, 0, max_seq_length)
+    trained = np.bincount(pc.list_parent_indices(kept).to_numpy(), pc.list_flatten(kept).to_numpy(), len(kept)) > 0
+    values = pc.if_else(pc.equal(pc.list_flatten(masks), 1), pc.list_flatten(ids), pa.scalar(-100, pa.int32()))
+    labels = pa.ListArray.from_arrays(pc.subtract(ids.offsets, ids.offsets[0]), values)
+    return pa.table({"input_ids": ids, "labels": labels}).filter(pa.array(trained))
+
+
+def is_packed(dataset) -> bool:
+    """Whether the dataset is pack's: sequences of several rows, each with its rows' seq_lengths."""
+    return "seq_lengths" in dataset.column_names
+
+
+def row_count(dataset) -> int:
+    """The tokenized rows in the dataset: packed ones counted one by one."""
+    import pyarrow.compute as pc
+
+    if not is_packed(dataset):
+        return len(dataset)
+    return pc.sum(pc.list_value_length(dataset.data.column("seq_lengths"))).as_py() or 0
 
 
 def open_tokens(folder: Path) -> tuple[object, object | None, dict]:

@@ -79,9 +79,10 @@ def compiles_per_length(model) -> bool:
     return family in FLEX_FAMILIES or implementation == "flex_attention"
 
 
-def packs_apart(model) -> bool:
-    """Whether rows packed into one sequence, told apart by position_ids alone, stay apart in the model's attention."""
-    return getattr(getattr(model, "config", None), "model_type", None) not in MIXES_PACKED_ROWS
+def packs_apart(config) -> bool:
+    """Whether rows packed into one sequence, told apart by position_ids alone, stay apart in the attention of a
+    model of this configuration (None: not known, taken as yes)."""
+    return getattr(config, "model_type", None) not in MIXES_PACKED_ROWS
 
 
 def announce(kernel: str) -> None:

@@ -36,8 +36,8 @@ NOT_TRAINED = frozenset({
     "CHECKPOINT_KEEP", "SAMPLE_PROMPTS_URI", "NUM_SAMPLE_PROMPTS", "MAX_NEW_TOKENS", "LEASE_SECONDS", "RANK",
     "LOCAL_RANK", "NPROC_PER_NODE", "NNODES", "NODE_RANK", "RDZV_ENDPOINT", "TORCHELASTIC_RUN_ID", "SWEEP_FILE",
     "JOB_COMPLETION_INDEX", "IMAGE_VERSION", "AUTO_BATCH", "EXPORT", "BASE_MODEL_16BIT", "REPORT_TO", "LOG_FORMAT",
-    "DATA_WORKERS", "HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
-    "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL",
+    "DATA_WORKERS", "TERMINATION_MESSAGE_PATH", "HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL",
 })  # fmt: skip
 
 # Llama's seven projections; job.model.lora_targets reads them per model (fused layers, experts that are no layers).
@@ -196,6 +196,9 @@ class Settings(BaseSettings):
     """json: one JSON object per line; text: readable lines and progress bars; auto: json unless a terminal."""
     IMAGE_VERSION: str | None = None
     """Set by the image build; recorded in manifest.json."""
+    TERMINATION_MESSAGE_PATH: str = "/dev/termination-log"
+    """Where a failure's one line goes when the file exists: Kubernetes' terminationMessagePath (give the same path
+    here when the pod spec changes it)."""
 
     # Scale
     DATA_WORKERS: int | None = Field(default=None, ge=1)

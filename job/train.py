@@ -45,23 +45,15 @@ class Metrics:
     stopped_early: bool
 
 
-UNSLOTH_WORKERS = "UNSLOTH_DATASET_NUM_PROC"
-
-
 def sft_config(settings, run: Run, plan, has_eval: bool, rows: int = 0, one_length: bool = False,
-               packing: bool | None = None):  # fmt: skip
-    """TRL's configuration of the run; rows: the training rows (TRL's workers); one_length: packed batches padded
-    to the largest (micro-batch x MAX_SEQ_LENGTH tokens), for models compiled per length
-    (kernels.compiles_per_length); packing: PACKING unless given (kernels.packs_apart). With unsloth, also sets
-    UNSLOTH_DATASET_NUM_PROC to TRL's worker count."""
+               packed: bool = False):  # fmt: skip
+    """TRL's configuration of the run; rows: the training rows (TRL's workers for labelling and truncating unpacked
+    rows); one_length: packed batches padded to the largest (micro-batch x MAX_SEQ_LENGTH tokens), for models
+    compiled per length (kernels.compiles_per_length); packed: the datasets are data.pack's, which neither TRL nor
+    unsloth prepares again (unsloth would label and pack them in one process: minutes for a million rows)."""
     from trl import SFTConfig
 
     cuda, bf16 = run.device.cuda, run.device.bf16
-    workers = data.workers(rows, most=data.PACKING_WORKERS)
-    if run.backend == "unsloth":
-        # unsloth bounds even an explicit dataset_num_proc by the free memory of the moment (unsloth_zoo's
-        # dataset_num_proc), so a node with less would pack otherwise; it takes its environment override as given.
-        os.environ[UNSLOTH_WORKERS] = str(workers or 0)  # 0: in one process
     return SFTConfig(
         output_dir=str(run.checkpoints),
         per_device_train_batch_size=plan.micro_batch,
@@ -79,7 +71,8 @@ def sft_config(settings, run: Run, plan, has_eval: bool, rows: int = 0, one_leng
         fp16=cuda and not bf16,
         use_cpu=not cuda,
         max_length=settings.MAX_SEQ_LENGTH,
-        packing=settings.PACKING if packing is None else packing,
+        packing=packed,
+        dataset_kwargs={"skip_prepare_dataset": True} if packed else None,
         pad_to_multiple_of=plan.micro_batch * settings.MAX_SEQ_LENGTH if one_length else None,
         # unsloth checkpoints activations itself (model.load_unsloth); hf needs the trainer's.
         gradient_checkpointing=cuda and run.backend == "hf" and plan.checkpointing,
@@ -97,10 +90,9 @@ def sft_config(settings, run: Run, plan, has_eval: bool, rows: int = 0, one_leng
         report_to=[name for name in settings.REPORT_TO if name in ("wandb", "mlflow")] or "none",
         run_name=run.id,
         ddp_find_unused_parameters=False,
-        # TRL labels and packs the tokenized rows at the start of training, in Python, about 100 us a row: 1M rows
-        # took minutes in one process. Cached beside the tokens, once per run. One process is None to TRL, 1 to
-        # unsloth, which reads None as "as many as this machine affords" (unsloth_zoo.dataset_num_proc).
-        dataset_num_proc=workers or (1 if run.backend == "unsloth" else None),
+        # TRL labels and truncates unpacked rows at the start of training, in Python, about 100 us a row. Cached
+        # beside the tokens, once per run. (unsloth does it in one process whatever this says.)
+        dataset_num_proc=data.workers(rows, most=data.PACKING_WORKERS),
     )
 
 
@@ -126,22 +118,22 @@ def train(
     # for the samples and the exported model's config.json.
     text_config = model.config.get_text_config()
     router_logits = getattr(text_config, "output_router_logits", None)
-    packing = settings.PACKING and kernels.packs_apart(model)
-    if settings.PACKING and not packing and run.device.rank_zero:
-        log.warning("PACKING=true: %s builds its attention mask without position_ids, so packed rows would attend to "
-                    "each other: training one row per sequence", model.config.model_type)  # fmt: skip
+    packing, rows = data.is_packed(train_ds), data.row_count(train_ds)
     one_length = packing and run.backend == "unsloth" and kernels.compiles_per_length(model)
     if one_length and run.device.rank_zero:
         log.info("packed batches padded to %d tokens: unsloth compiles %s's layers for each new batch length",
                  plan.micro_batch * settings.MAX_SEQ_LENGTH, model.config.model_type)  # fmt: skip
     trainer = SFTTrainer(
         model=model,
-        args=sft_config(settings, run, plan, eval_ds is not None, len(train_ds), one_length, packing),
+        args=sft_config(settings, run, plan, eval_ds is not None, rows, one_length, packing),
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         callbacks=[step_log, stop] + ([board] if board else []),
     )
+    if packing and not trainer.padding_free:  # unsloth turns it off for some models (its PADDING_FREE_BLOCKLIST)
+        raise ConfigInvalid(f"PACKING=true: {run.backend} trains {model.config.model_type} without padding-free "
+                            "batches, so packed rows would attend to each other: set PACKING=false")  # fmt: skip
     # step_log prints progress itself: as log lines in JSON mode, as one tqdm bar in text mode.
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
@@ -171,7 +163,7 @@ def train(
         first_loss=train_losses[0] if train_losses else None,
         final_loss=train_losses[-1] if train_losses else None,
         eval_loss=evals[-1]["eval_loss"] if evals else None,
-        rows=round(epochs * len(train_ds)),
+        rows=round(epochs * rows),
         tokens=tokens,
         tokens_per_second=round(trained_tokens / runtime, 1) if runtime else None,
         train_seconds=round(runtime, 3),

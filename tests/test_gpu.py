@@ -149,15 +149,15 @@ def test_packed_rows_stay_apart_in_bf16(tmp_path, small_model, backend):
     tokenizer = model.load_tokenizer(settings, base, [])
     tokenizer.chat_template = templates.TEMPLATES["alpaca"]
     examples, _ = data.load_examples([("demo", ROOT / "demo" / "instructions.jsonl")], "alpaca")
-    dataset = data.tokenize(tokenizer, examples, responses_only=True)
+    dataset = data.pack(data.tokenize(tokenizer, examples, responses_only=True), settings.MAX_SEQ_LENGTH)
     lm = model.load(settings, device, base, tokenizer, backend)
     for name, param in lm.named_parameters():
         if "lora_B" in name:  # fresh adapters add nothing; these make the check cover the LoRA path too
             param.data.normal_(0, 0.05)
     plan = memory.Plan(2, 4, True, None, None, "as given")
-    trainer = SFTTrainer(model=lm, args=train.sft_config(settings, run, plan, False), train_dataset=dataset,
-                         processing_class=tokenizer)  # fmt: skip
-    assert train.packing_mode(trainer) == "bfd, padding-free"
+    trainer = SFTTrainer(model=lm, args=train.sft_config(settings, run, plan, False, packed=True),
+                         train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
+    assert train.packing_mode(trainer) == "bfd, padding-free" and len(trainer.train_dataset) == len(dataset)
     batch = next(iter(trainer.get_train_dataloader()))
     ids, labels, positions = batch["input_ids"][0], batch["labels"][0], batch["position_ids"][0]
     starts = (positions == 0).nonzero().view(-1).tolist()

@@ -4,7 +4,6 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import re
 import signal
 from http.server import BaseHTTPRequestHandler
@@ -386,18 +385,17 @@ def test_secrets_never_appear_in_logs_or_outputs(run_job, s3, bucket):
             assert value.encode() not in body, key
 
 
-@pytest.mark.skipif(not os.access("/dev", os.W_OK), reason="needs a writable /dev to stand in for Kubernetes")
-def test_failure_goes_to_the_termination_log(run_job, s3, bucket):
-    path = Path("/dev/termination-log")
-    if path.exists():
-        pytest.skip("a real termination log is mounted here")
+def test_failure_goes_to_the_termination_log(run_job, bucket, tmp_path):
+    """Into the file Kubernetes mounts (terminationMessagePath), here one of the test's own: a shared
+    /dev/termination-log took the failures of the jobs of tests running beside it."""
+    path = tmp_path / "termination-log"
     path.write_text("")
-    try:
-        result = run_job({"DRY_RUN": "true", "DATASET_URI": f"s3://{bucket}/none.jsonl", "OUTPUT_URI": "/tmp/o"})
-        assert result.returncode == 66
-        assert path.read_text().startswith("exit 66 InputNotFound: s3://")
-    finally:
-        path.unlink()
+    env = {"DRY_RUN": "true", "DATASET_URI": f"s3://{bucket}/none.jsonl", "OUTPUT_URI": "/tmp/o",
+           "TERMINATION_MESSAGE_PATH": str(path)}  # fmt: skip
+    assert run_job(env).returncode == 66
+    assert path.read_text().startswith(f"exit 66 InputNotFound: s3://{bucket}/none.jsonl")
+    assert run_job(env | {"LORA_R": "0"}).returncode == 78  # a configuration error, with no settings read
+    assert path.read_text().startswith("exit 78 ConfigInvalid: ") and "LORA_R" in path.read_text()
 
 
 def test_torchrun_with_two_cpu_processes_publishes_once(run_job, s3, bucket):

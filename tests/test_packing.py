@@ -1,8 +1,6 @@
 """PACKING=true keeps rows apart: the job's own trainer configuration (TRL's bfd packing and its padding-free
 collator) on a tiny Llama with LoRA, checked on one packed batch from the trainer's own dataloader, on CPU."""
 
-import dataclasses
-import os
 import random
 from pathlib import Path
 
@@ -65,7 +63,8 @@ def test_packed_rows_train_as_if_alone(tiny_model_dir, tmp_path, monkeypatch, on
     examples, _ = data.load_examples([("demo", DEMO_DATA)], "alpaca")
     tokenizer = model.load_tokenizer(settings, base, examples)
     tokenizer.chat_template = templates.TEMPLATES["alpaca"]
-    dataset = data.tokenize(tokenizer, examples, responses_only=True)
+    tokens = data.tokenize(tokenizer, examples, responses_only=True)
+    dataset = data.pack(tokens, settings.MAX_SEQ_LENGTH)
     lm = model.load(settings, device, base, tokenizer, "hf")
     torch.manual_seed(0)
     for name, param in lm.named_parameters():
@@ -74,10 +73,11 @@ def test_packed_rows_train_as_if_alone(tiny_model_dir, tmp_path, monkeypatch, on
     # The sampler is random but seeded by SEED at the trainer's start, so the batch is the same every run.
     trainer = SFTTrainer(
         model=lm,
-        args=train.sft_config(settings, run, memory.plan(settings, device, "hf", None, 0), has_eval=False),
+        args=train.sft_config(settings, run, memory.plan(settings, device, "hf", None, 0), False, packed=True),
         train_dataset=dataset,
         processing_class=tokenizer,
     )
+    assert trainer.train_dataset is dataset and train.packing_mode(trainer) == "bfd, padding-free"
     batch = next(iter(trainer.get_train_dataloader()))
     lm.eval()
 
@@ -92,7 +92,7 @@ def test_packed_rows_train_as_if_alone(tiny_model_dir, tmp_path, monkeypatch, on
 
     # 2. Responses only, row by row: each packed row is one of tokenize's rows whole (a KeyError: cut or merged),
     # trained exactly where its assistant_masks says; the first token of each row (the one after a boundary) is not.
-    masks = {tuple(row["input_ids"]): row["assistant_masks"] for row in dataset}
+    masks = {tuple(row["input_ids"]): row["assistant_masks"] for row in tokens}
     for start, end in rows:
         mask = torch.tensor(masks[tuple(ids[start:end].tolist())], dtype=torch.bool)
         assert mask.any() and labels[start] == -100
@@ -136,8 +136,8 @@ def test_packed_rows_train_as_if_alone(tiny_model_dir, tmp_path, monkeypatch, on
     # 6. Padded to one length (unsloth's Gemma 3 compiles its layers per length): the same rows, then padding that
     # trains nothing and changes no row's loss.
     plan = memory.plan(settings, device, "hf", None, 0)
-    one_length = SFTTrainer(model=lm, args=train.sft_config(settings, run, plan, False, one_length=True),
-                            train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
+    config = train.sft_config(settings, run, plan, False, one_length=True, packed=True)
+    one_length = SFTTrainer(model=lm, args=config, train_dataset=dataset, processing_class=tokenizer)
     long = next(iter(one_length.get_train_dataloader()))
     assert long["input_ids"].shape == (1, plan.micro_batch * settings.MAX_SEQ_LENGTH) and len(ids) < 800
     assert torch.equal(long["input_ids"][0, : len(ids)], ids) and (long["labels"][0, len(ids) :] == -100).all()
@@ -145,45 +145,65 @@ def test_packed_rows_train_as_if_alone(tiny_model_dir, tmp_path, monkeypatch, on
         assert abs(one_length.compute_loss(lm, dict(long)).item() - packed_loss) <= TOLERANCE
 
 
-def test_trl_packs_a_large_set_in_workers_and_the_same_on_any_machine(tiny_model_dir, tmp_path, monkeypatch):
-    """TRL's preparation (labels, then packing) runs in Python at about 100 us a row: the job gives it a worker per
-    data.ROWS_PER_WORKER rows, up to data.PACKING_WORKERS. TRL packs each worker's share apart, so the packs change
-    with the count (one process packs otherwise): a node of 1 core and one of 64 must pack the same sequences, or an
-    attempt resumed on the other would skip batches it never trained."""
+def test_the_job_packs_a_large_set_in_workers_and_the_same_on_any_machine(tmp_path, monkeypatch):
+    """data.pack labels and packs with TRL's best fit in a worker per data.PACKING_ROWS_PER_WORKER rows (here 2,000),
+    up to data.PACKING_WORKERS (TRL's own preparation took about 100 us a row in Python, unsloth's in one process). TRL
+    packs each worker's share apart, so the packs change with the count (one process packs otherwise): a node of 1
+    core and one of 64 must pack the same sequences, or an attempt resumed on the other would skip batches it never
+    trained."""
     from datasets import Dataset, load_from_disk
-    from trl import SFTTrainer
 
-    from job import data, memory, model, train
+    from job import data
 
-    settings, device, run = cpu_run(tiny_model_dir, tmp_path, monkeypatch, 256)
-    tokenizer = model.load_tokenizer(settings, model.Base(str(tiny_model_dir)), [])
-    lm = model.load(settings, device, model.Base(str(tiny_model_dir)), tokenizer, "hf")
-    count = int(2.6 * data.ROWS_PER_WORKER)  # two workers' shares, not a multiple of datasets' batch of 1,000
+    monkeypatch.setattr(data, "PACKING_ROWS_PER_WORKER", 2000)
+    count = 5200  # two workers' shares, not a multiple of datasets' batch of 1,000
     lengths = [random.Random(n).randint(5, 200) for n in range(count)]
     rows = {"input_ids": [[5 + (n + i) % 50 for i in range(k)] for n, k in enumerate(lengths)],
             "assistant_masks": [[0] * (k // 3) + [1] * (k - k // 3) for k in lengths]}  # fmt: skip
-    packed = {}
-    for cores, rows_given in ((1, count), (64, count), (64, 0)):  # the job's count on two machines; one process
+    Dataset.from_dict(rows).save_to_disk(tmp_path / "tokens")
+    packed, job = {}, data.PACKING_WORKERS
+    for cores, most in ((1, job), (64, job), (64, 1)):  # the job's count on two machines; one process
         monkeypatch.setattr(data, "cores", lambda cores=cores: cores)
-        Dataset.from_dict(rows).save_to_disk(tmp_path / f"tokens-{cores}-{rows_given}")
-        tokens = load_from_disk(tmp_path / f"tokens-{cores}-{rows_given}")  # memory-mapped, as the job's files are
-        config = train.sft_config(settings, run, memory.plan(settings, device, "hf", None, 0), False, rows_given)
-        assert config.dataset_num_proc == (2 if rows_given else None)
-        trainer = SFTTrainer(model=lm, args=config, train_dataset=tokens, processing_class=tokenizer)
-        packed[cores, rows_given] = trainer.train_dataset
-    names = [Path(f["filename"]).name for f in packed[1, count].cache_files]
-    assert any(name.endswith("_00001_of_00002.arrow") for name in names), names  # made by two workers
-    one, other, serial = packed[1, count], packed[64, count], packed[64, 0]
+        monkeypatch.setattr(data, "PACKING_WORKERS", most)
+        tokens = load_from_disk(tmp_path / "tokens")  # memory-mapped, as the job's files are
+        packed[cores, most] = data.pack(tokens, 256, tmp_path / f"packed-{cores}-{most}" / "train.arrow")
+    one, other, serial = packed[1, job], packed[64, job], packed[64, 1]
+    names = [Path(f["filename"]).name for f in one.cache_files]
+    assert names == ["train_00000_of_00002.arrow", "train_00001_of_00002.arrow"], names  # made by two workers
     assert one["seq_lengths"] == other["seq_lengths"] and len(one) < count / 2
     assert one["input_ids"] == other["input_ids"] and one["labels"] == other["labels"]
     assert serial["seq_lengths"] != one["seq_lengths"], "the packs no longer depend on the count: see PACKING_WORKERS"
+    assert data.row_count(one) == data.row_count(serial) == count and data.row_count(Dataset.from_dict(rows)) == count
     assert sum(label != -100 for row in one["labels"] for label in row) == sum(k - k // 3 for k in lengths)
-    # unsloth bounds dataset_num_proc by the free memory of the moment, but not its environment override.
-    unsloth = dataclasses.replace(run, backend="unsloth")
-    for rows_given, workers in ((count, "2"), (0, "0")):
-        monkeypatch.delenv(train.UNSLOTH_WORKERS, raising=False)
-        config = train.sft_config(settings, unsloth, memory.plan(settings, device, "hf", None, 0), False, rows_given)
-        assert os.environ[train.UNSLOTH_WORKERS] == workers and config.dataset_num_proc == max(int(workers), 1)
+
+
+def test_packed_rows_keep_their_start_and_rows_with_nothing_to_learn_are_left_out():
+    """Each row cut to MAX_SEQ_LENGTH (its start kept, as TRL cuts), its labels the ids where the mask is 1; a row
+    whose trained tokens all lie beyond the cut is left out (it would add nothing to the loss). In batches of 3 rows,
+    as datasets' map hands them over."""
+    from datasets import Dataset
+
+    from job import data
+
+    rows = [
+        ([1, 2, 3, 4], [0, 0, 1, 1]),
+        ([5, 6, 7, 8, 9, 10, 11], [0, 1, 1, 0, 0, 1, 1]),
+        ([12, 13], [1, 1]),
+        ([14, 15, 16, 17, 18, 19], [0, 0, 0, 0, 0, 1]),
+        ([20, 21, 22], [0, 0, 0]),
+        ([23, 24, 25], [0, 1, 0]),
+    ]
+    tokens = Dataset.from_dict({"input_ids": [r[0] for r in rows], "assistant_masks": [r[1] for r in rows]})
+    labelled = tokens.with_format("arrow").map(
+        data._labels, batched=True, batch_size=3, fn_kwargs={"max_seq_length": 5}, remove_columns=tokens.column_names
+    )
+    labelled = labelled.with_format(None)
+    assert labelled["input_ids"] == [[1, 2, 3, 4], [5, 6, 7, 8, 9, 10, 11], [12, 13], [23, 24, 25]]
+    assert labelled["labels"] == [[-100, -100, 3, 4], [-100, 6, 7, -100, -100, 10, 11], [12, 13], [-100, 24, -100]]
+    packed = data.pack(tokens, 5)
+    assert sorted(n for row in packed["seq_lengths"] for n in row) == [2, 3, 4, 5]  # the 7-token row cut to 5
+    assert sorted(t for row in packed["input_ids"] for t in row) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 23, 24, 25]
+    assert all(len(row) <= 5 for row in packed["input_ids"]) and data.row_count(packed) == 4
 
 
 @pytest.mark.parametrize("shape", ["llama-3.2-1b", "qwen3-0.6b", "gemma-3-1b", "mistral-7b-v0.3", "phi-4",
@@ -207,4 +227,5 @@ def test_which_families_keep_packed_rows_apart(tmp_path, shape, one_thread):
         packed = model(input_ids=torch.cat([first, second])[None], position_ids=positions, use_cache=False).logits
         alone = model(input_ids=second[None], use_cache=False).logits
     moved = (packed[0, 7:] - alone[0]).abs().max().item()
-    assert (moved <= TOLERANCE) == kernels.packs_apart(model), f"{shape}: the second row's logits moved by {moved}"
+    apart = kernels.packs_apart(model.config)
+    assert (moved <= TOLERANCE) == apart, f"{shape}: the second row's logits moved by {moved}"
