@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 # Rendering (the chat template) and tokenizing take 0.2 to 0.5 ms a row a core (docs/benchmarks.md); a worker
 # process costs about a second.
 ROWS_PER_WORKER = 2000
-# Labelling and packing (pack) take about 40 us a row. TRL packs each worker's share of the rows apart (best fit in
+# Labelling and packing (pack) take about 50 us a row. TRL packs each worker's share of the rows apart (best fit in
 # batches of 1,000), so the packs change with the worker count: it is fixed by the rows alone, never by the machine,
 # and an attempt resumed on another node trains the same sequences in the same order.
 PACKING_ROWS_PER_WORKER = 20_000
@@ -537,9 +537,12 @@ def tokenize_split(tokenizer, rows, train, held, responses_only: bool, max_seq_l
     train_ds = tokenize(tokenizer, rows.select(train), responses_only, folder / "train.arrow", most)
     lengths = check_lengths(train_ds, max_seq_length)
     eval_ds = tokenize(tokenizer, rows.select(held), responses_only, folder / "eval.arrow", most) if len(held) else None
-    if packing:
+    if packing:  # the packed copies replace the tokens on the scratch volume
+        unpacked = [train_ds, eval_ds]
         train_ds = pack(train_ds, max_seq_length, folder / "train-packed.arrow")
         eval_ds = eval_ds and pack(eval_ds, max_seq_length, folder / "eval-packed.arrow")
+        for dataset in filter(None, unpacked):
+            _remove_files(dataset)
         log.info("data: %d training rows packed into %d sequences of up to %d tokens", len(train), len(train_ds),
                  max_seq_length, extra={"fields": {"packed_sequences": len(train_ds)}})  # fmt: skip
     info = {"train": _arrow_files(train_ds, folder), "eval": eval_ds and _arrow_files(eval_ds, folder),
@@ -553,7 +556,7 @@ def pack(dataset, max_seq_length: int, cache_file: Path | None = None):
     bins of up to max_seq_length tokens, each with its rows' seq_lengths (TRL's padding-free collator restarts
     position_ids at each row). TRL packs each batch of 1,000 rows of each worker's share apart, so the workers are
     fixed by the row count (PACKING_ROWS_PER_WORKER), never by the machine: an attempt resumed on a node of other
-    cores trains the same sequences. Written to cache_file when given (with a _labels file beside it)."""
+    cores trains the same sequences. Written to cache_file when given."""
     from trl.data_utils import pack_dataset
 
     count = workers(len(dataset), PACKING_WORKERS, PACKING_ROWS_PER_WORKER)
@@ -566,7 +569,9 @@ def pack(dataset, max_seq_length: int, cache_file: Path | None = None):
         _labels, batched=True, fn_kwargs={"max_seq_length": max_seq_length}, remove_columns=dataset.column_names,
         num_proc=count, desc="labels", **where("_labels"),
     )  # fmt: skip
-    return pack_dataset(labelled.with_format(None), max_seq_length, "bfd", {"num_proc": count, **where("")})
+    packed = pack_dataset(labelled.with_format(None), max_seq_length, "bfd", {"num_proc": count, **where("")})
+    _remove_files(labelled)
+    return packed
 
 
 def _labels(batch, max_seq_length: int):
@@ -582,6 +587,12 @@ def _labels(batch, max_seq_length: int):
     values = pc.if_else(pc.equal(pc.list_flatten(masks), 1), pc.list_flatten(ids), pa.scalar(-100, pa.int32()))
     labels = pa.ListArray.from_arrays(pc.subtract(ids.offsets, ids.offsets[0]), values)
     return pa.table({"input_ids": ids, "labels": labels}).filter(pa.array(trained))
+
+
+def _remove_files(dataset) -> None:
+    """Deletes the Arrow files behind a dataset that nothing reads any more (a mapped file stays readable)."""
+    for file in dataset.cache_files:
+        Path(file["filename"]).unlink(missing_ok=True)
 
 
 def is_packed(dataset) -> bool:
