@@ -80,12 +80,18 @@ class Uploader:
         self.failures: list[int] = []  # steps that failed since the last commit
         self.grace_needed: float | None = None  # grace_period at this attempt's first commit
         self.grace_to_set: int | None = None
+        self.lagging = False  # a checkpoint was handed over while an earlier one still uploaded
         self._queue: queue.Queue = queue.Queue()
         threading.Thread(target=self._work, name="checkpoint-upload", daemon=True).start()
 
     def submit(self, folder: Path, step: int, step_seconds: float, save_seconds: float) -> None:
         """step_seconds, save_seconds: the longest step so far and this checkpoint's save, which a SIGTERM waits for
         before the upload (grace_period)."""
+        if self._queue.unfinished_tasks and not self.lagging:
+            self.lagging = True
+            log.warning("checkpoint step-%d waits for an upload still running: uploads take longer than the steps "
+                        "between checkpoints, and a SIGTERM waits for every one queued: raise CHECKPOINT_EVERY_STEPS",
+                        step)  # fmt: skip
         self._queue.put((folder, step, step_seconds, save_seconds))
 
     @property
