@@ -218,9 +218,9 @@ def family_runs(tmp_path_factory) -> dict:
                "MAX_SEQ_LENGTH": "256", "CHECKPOINT_EVERY_STEPS": "0", "NUM_SAMPLE_PROMPTS": "2",
                "MAX_NEW_TOKENS": "8", "LOG_FORMAT": "json", "SCRATCH_DIR": str(work / "scratch"),
                "HF_HUB_OFFLINE": "1", "UNSLOTH_COMPILE_LOCATION": str(work / "compiled" / shape)}  # fmt: skip
-        log = (work / f"{shape}.log").open("w")
-        started[shape] = subprocess.Popen([sys.executable, str(ROOT / "entrypoint.py")], env=os.environ | env,
-                                          stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        with (work / f"{shape}.log").open("w") as log:  # the child writes to its own copy of the descriptor
+            started[shape] = subprocess.Popen([sys.executable, str(ROOT / "entrypoint.py")], env=os.environ | env,
+                                              stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
     return {shape: (proc.wait(timeout=900), work / "out" / shape, (work / f"{shape}.log").read_text())
             for shape, proc in started.items()}  # fmt: skip
 
