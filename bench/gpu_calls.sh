@@ -7,12 +7,15 @@
 # and short rows, then the defaults again with the compile caches and the tokenized rows warm: time to first step),
 # gpu-tests (pytest -m gpu), data-1m (bench/data_scale.py's real run on 1,000,000 rows), SHAPE:RUNS (bench/real_data.py
 # on a shape of bench/synthetic_model.py, 15 steps, RUNS as its --runs), build=SHAPE, long and big
-# (bench/big_shapes.py's parts); bg:TASK runs one beside the next ones, wait waits for those. Logs go to OUT.
+# (bench/big_shapes.py's parts); bg:TASK runs one beside the next ones, wait waits for those. Everything goes to WORK
+# (default /tmp/gpu-work); OUT gets progress.txt and logs.tgz (the logs and results, no data or runs): a lent host
+# returns at most 8 files from OUT, at most two folders down.
 set -u
 S=$SECONDS
 DEADLINE=${DEADLINE:-585}
 OUT=${OUT:-gpu-results}
-mkdir -p "$OUT"
+W=${WORK:-/tmp/gpu-work}
+mkdir -p "$OUT" "$W"
 say() { echo "[$((SECONDS - S)) s] $*" | tee -a "$OUT/progress.txt"; }
 left() { echo $((DEADLINE - (SECONDS - S))); }
 if [ ! -f /tmp/site/.done ]; then
@@ -28,14 +31,14 @@ mkdir -p $M
 
 build() {  # shape
   [ -d "$M/$1-4bit" ] && return
-  python3 bench/synthetic_model.py --shape "$1" --out "$M/$1-4bit" --nf4 > "$OUT/build-$1.log" 2>&1 \
-    || { rm -rf "$M/$1-4bit"; python3 bench/synthetic_model.py --shape "$1" --out "$M/$1-4bit" --4bit >> "$OUT/build-$1.log" 2>&1; }
+  python3 bench/synthetic_model.py --shape "$1" --out "$M/$1-4bit" --nf4 > "$W/build-$1.log" 2>&1 \
+    || { rm -rf "$M/$1-4bit"; python3 bench/synthetic_model.py --shape "$1" --out "$M/$1-4bit" --4bit >> "$W/build-$1.log" 2>&1; }
   say "built $1 ($?)"
 }
 stack() {
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt"
-  python3 -m pip list --format=freeze 2>/dev/null > "$OUT/pip-list.txt"
-  python3 - > "$OUT/versions.txt" 2>&1 <<'PY'
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$W/gpu.txt"
+  python3 -m pip list --format=freeze 2>/dev/null > "$W/pip-list.txt"
+  python3 - > "$W/versions.txt" 2>&1 <<'PY'
 import importlib.metadata as md, re
 lock = {}
 for line in open("requirements/gpu.txt"):
@@ -54,37 +57,37 @@ PY
 }
 real_data() {
   build llama-3-8b
-  timeout $(($(left) - 5)) python3 bench/real_data.py --shape llama-3-8b --backend unsloth --runs full,defaults --steps 20 --out "$OUT/r18" > "$OUT/r18.out" 2>&1
+  timeout $(($(left) - 5)) python3 bench/real_data.py --shape llama-3-8b --backend unsloth --runs full,defaults --steps 20 --out "$W/r18" > "$W/r18.out" 2>&1
   say "real_data cold: $?"
 }
 real_data_warm() {
-  cp "$OUT/r18/real-data/llama-3-8b-unsloth-defaults.log" "$OUT/r18/cold-defaults.log" 2>/dev/null
-  rm -rf "$OUT/r18/real-data/runs/llama-3-8b-unsloth-defaults"
-  timeout $(($(left) - 5)) python3 bench/real_data.py --shape llama-3-8b --backend unsloth --runs defaults --steps 20 --out "$OUT/r18" > "$OUT/r18-warm.out" 2>&1
+  cp "$W/r18/real-data/llama-3-8b-unsloth-defaults.log" "$W/r18/cold-defaults.log" 2>/dev/null
+  rm -rf "$W/r18/real-data/runs/llama-3-8b-unsloth-defaults"
+  timeout $(($(left) - 5)) python3 bench/real_data.py --shape llama-3-8b --backend unsloth --runs defaults --steps 20 --out "$W/r18" > "$W/r18-warm.out" 2>&1
   say "real_data warm: $?"
 }
 gpu_tests() {
-  timeout $(($(left) - 5)) python3 -m pytest -m gpu tests/test_gpu.py -q -s -p no:cacheprovider > "$OUT/pytest-gpu.txt" 2>&1
+  timeout $(($(left) - 5)) python3 -m pytest -m gpu tests/test_gpu.py -q -s -p no:cacheprovider > "$W/pytest-gpu.txt" 2>&1
   say "pytest -m gpu: $?"
 }
 data_1m() {
   build llama-3.2-1b
-  timeout $(($(left) - 5)) python3 bench/data_scale.py --rows 1000000 --model "$M/llama-3.2-1b-4bit" --work /tmp/bench-data > "$OUT/data-scale.out" 2>&1
+  timeout $(($(left) - 5)) python3 bench/data_scale.py --rows 1000000 --model "$M/llama-3.2-1b-4bit" --work /tmp/bench-data > "$W/data-scale.out" 2>&1
   say "data_scale: $?"
-  cp /tmp/bench-data/gpu-run.log "$OUT/" 2>/dev/null
+  cp /tmp/bench-data/gpu-run.log "$W/" 2>/dev/null
 }
 family() {  # shape [runs]
   build "$1"
   local t=$(($(left) - 5)); [ $t -gt 20 ] || { say "no time for $1"; return; }
-  timeout $t python3 bench/real_data.py --shape "$1" --backend unsloth --runs "${2:-defaults}" --steps 15 --out "$OUT/fam" > "$OUT/fam-$1.out" 2>&1
+  timeout $t python3 bench/real_data.py --shape "$1" --backend unsloth --runs "${2:-defaults}" --steps 15 --timeout $((t / 2)) --out "$W/fam" > "$W/fam-$1.out" 2>&1
   say "family $1: $?"
 }
 long() {
-  timeout $(($(left) - 5)) python3 bench/big_shapes.py --out "$OUT/big" --parts long --timeout 240 > "$OUT/big-long.out" 2>&1
+  timeout $(($(left) - 5)) python3 bench/big_shapes.py --out "$W/big" --parts long --timeout 240 > "$W/big-long.out" 2>&1
   say "big_shapes long: $?"
 }
 big() {
-  timeout $(($(left) - 5)) python3 bench/big_shapes.py --out "$OUT/big70" --parts big --timeout $(($(left) / 2)) > "$OUT/big-70b.out" 2>&1
+  timeout $(($(left) - 5)) python3 bench/big_shapes.py --out "$W/big70" --parts big --timeout $(($(left) / 2)) > "$W/big-70b.out" 2>&1
   say "big_shapes big: $?"
 }
 for task in "$@"; do
@@ -98,4 +101,5 @@ for task in "$@"; do
   esac
 done
 wait
+tar czf "$OUT/logs.tgz" -C "$W" --exclude='*.jsonl' --exclude=scratch --exclude=runs .
 say "done"

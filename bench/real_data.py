@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -80,11 +81,20 @@ def steady_rate(steps: list[dict]) -> int | None:
     return round(statistics.median(rates)) if rates else None
 
 
-def run_job(name: str, env: dict, out: Path) -> dict:
+def run_job(name: str, env: dict, out: Path, timeout: float | None = None) -> dict:
+    """Runs the entry point; past `timeout` seconds it is aborted, and its log ends with every thread's stack
+    (faulthandler), which says where a run that never reaches its first step waits."""
     log = out / f"{name}.log"
     start = time.time()
     with log.open("w") as f:
-        code = subprocess.run([sys.executable, str(ROOT / "entrypoint.py")], env=os.environ | env, stderr=f).returncode
+        job = subprocess.Popen([sys.executable, "-X", "faulthandler", str(ROOT / "entrypoint.py")],
+                               env=os.environ | env, stderr=f)  # fmt: skip
+        try:
+            code = job.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            job.send_signal(signal.SIGABRT)
+            code = job.wait()
+            print(f"{name}: aborted after {timeout:.0f} s; its stacks end {log}", file=sys.stderr)
     wall = time.time() - start
     metrics_file = Path(env["OUTPUT_URI"]) / env["RUN_ID"] / "metrics.json"
     if code or not metrics_file.is_file():
@@ -110,6 +120,7 @@ def main() -> int:
     parser.add_argument("--runs", default=",".join(RUNS), help="keys of RUNS, comma-separated")
     parser.add_argument("--models", type=Path, default=Path("/tmp/bench-models"))
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    parser.add_argument("--timeout", type=float, help="seconds before a run is aborted, with its stacks in its log")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.out / "real-data"
@@ -132,7 +143,7 @@ def main() -> int:
                "RUN_ID": tag, "TRAIN_BACKEND": args.backend, "MAX_STEPS": str(args.steps), "LOG_FORMAT": "json",
                "NUM_SAMPLE_PROMPTS": "2", "MAX_NEW_TOKENS": "32", "SCRATCH_DIR": str(work / "scratch"),
                "CHECKPOINT_EVERY_STEPS": "0", **settings}  # fmt: skip
-        result = run_job(tag, env, work) | {"shape": args.shape, "backend": args.backend, "run": name,
+        result = run_job(tag, env, work, args.timeout) | {"shape": args.shape, "backend": args.backend, "run": name,
                                             "parameters": parameters, "matmul_peak_tflops": round(peak)}  # fmt: skip
         results.append(result)
         print("REAL " + json.dumps(result), flush=True)

@@ -8,8 +8,10 @@ stay apart in bf16 with both backends.
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -219,9 +221,16 @@ def family_runs(tmp_path_factory) -> dict:
                "MAX_NEW_TOKENS": "8", "LOG_FORMAT": "json", "SCRATCH_DIR": str(work / "scratch"),
                "HF_HUB_OFFLINE": "1", "UNSLOTH_COMPILE_LOCATION": str(work / "compiled" / shape)}  # fmt: skip
         with (work / f"{shape}.log").open("w") as log:  # the child writes to its own copy of the descriptor
-            started[shape] = subprocess.Popen([sys.executable, str(ROOT / "entrypoint.py")], env=os.environ | env,
-                                              stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
-    return {shape: (proc.wait(timeout=900), work / "out" / shape, (work / f"{shape}.log").read_text())
+            started[shape] = subprocess.Popen([sys.executable, "-X", "faulthandler", str(ROOT / "entrypoint.py")],
+                                              env=os.environ | env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    deadline = time.monotonic() + 600
+    for proc in started.values():  # a run past the deadline is aborted: its log ends with where each thread waited
+        try:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            proc.wait()
+    return {shape: (proc.returncode, work / "out" / shape, (work / f"{shape}.log").read_text())
             for shape, proc in started.items()}  # fmt: skip
 
 
