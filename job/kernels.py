@@ -10,6 +10,7 @@ block-diagonal causal mask (sdpa_attention: one SDPA call with attn_mask, which 
 """
 
 import ctypes
+import functools
 import importlib.util
 import logging
 from pathlib import Path
@@ -26,9 +27,8 @@ UNSLOTH_PACKED = {"flash_varlen": "flash-attention varlen", "xformers": "xformer
 UNSLOTH_PADDED = {"flash_dense": "flash-attention", "xformers": "xformers", "sdpa": "SDPA"}
 # transformers' attn_implementation in words (the job loads with its default, sdpa).
 HF = {"sdpa": "SDPA", "eager": "eager attention", "flex_attention": "flex attention"}
-# unsloth trains these families on transformers' flex attention, in decoder layers it compiles one by one: a flex
-# mask holds the packed batch's length as a constant, so every new length compiled every layer again (Gemma-3-1B:
-# no first step in 330 s). train pads packed batches to one length for them.
+# unsloth trains these families on transformers' flex attention: its masks (torch's create_block_mask, compiled)
+# hold the batch's length as a constant, so train pads packed batches to one length for them.
 FLEX_FAMILIES = ("gemma3", "gemma3_text")
 # Families whose model builds its attention mask without position_ids (transformers 5.17's GptOssModel), so rows
 # packed into one sequence attend to each other: they train one row per sequence (tests/test_packing.py measures
@@ -77,6 +77,31 @@ def compiles_per_length(model) -> bool:
     config = getattr(model, "config", None)
     family, implementation = getattr(config, "model_type", None), getattr(config, "_attn_implementation", None)
     return family in FLEX_FAMILIES or implementation == "flex_attention"
+
+
+def sort_block_masks_in_aten() -> None:
+    """Has inductor sort with ATen when it compiles transformers' flex-attention masks, as torch 2.13 does (its
+    flex_attention._dense_to_ordered marks the argsort fallback_to_eager). torch 2.11 compiles that argsort into a
+    Triton bitonic sort that ptxas takes minutes over (pytorch/pytorch#182060): on an H200, Gemma-3-1B had no first
+    step after 220 s, and a stack dump showed ptxas under create_block_mask, before any decoder layer ran. Without
+    persistent reductions inductor has no Triton sort (ir.Sort.create) and calls aten.sort; the mask is the same."""
+    import torch
+    from torch._inductor import config
+    from transformers import masking_utils
+
+    build = masking_utils.create_block_mask
+    if getattr(build, "sorts_in_aten", False):
+        return
+
+    @functools.wraps(build)
+    def create_block_mask(*args, **kwargs):
+        if torch.compiler.is_compiling():  # inside another compiled region, whose options hold
+            return build(*args, **kwargs)
+        with config.patch({"triton.persistent_reductions": False}):
+            return build(*args, **kwargs)
+
+    create_block_mask.sorts_in_aten = True
+    masking_utils.create_block_mask = create_block_mask
 
 
 def packs_apart(config) -> bool:

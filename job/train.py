@@ -119,10 +119,13 @@ def train(
     text_config = model.config.get_text_config()
     router_logits = getattr(text_config, "output_router_logits", None)
     packing, rows = data.is_packed(train_ds), data.row_count(train_ds)
-    one_length = packing and run.backend == "unsloth" and kernels.compiles_per_length(model)
+    flex = run.backend == "unsloth" and kernels.compiles_per_length(model)
+    if flex:
+        kernels.sort_block_masks_in_aten()
+    one_length = packing and flex
     if one_length and run.device.rank_zero:
-        log.info("packed batches padded to %d tokens: unsloth compiles %s's layers for each new batch length",
-                 plan.micro_batch * settings.MAX_SEQ_LENGTH, model.config.model_type)  # fmt: skip
+        log.info("packed batches padded to %d tokens: unsloth trains %s on flex attention, compiled for each "
+                 "batch length", plan.micro_batch * settings.MAX_SEQ_LENGTH, model.config.model_type)  # fmt: skip
     trainer = SFTTrainer(
         model=model,
         args=sft_config(settings, run, plan, eval_ds is not None, rows, one_length, packing),

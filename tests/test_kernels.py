@@ -154,3 +154,30 @@ def test_unsloth_trains_gemma_3_on_transformers_attention_compiled_per_length():
     assert kernels.attention("unsloth", True, gemma) == "flex attention with a block-diagonal mask"
     with pytest.raises(ImportError):
         kernels.attention("unsloth", True, llama)
+
+
+def test_flex_masks_compile_with_atens_sort_and_stay_the_same(monkeypatch):
+    """torch 2.11 compiles create_block_mask's argsort into a Triton sort that ptxas takes minutes over (Gemma 3 had
+    no first step): the job compiles the masks without persistent reductions, so inductor sorts with ATen, and each
+    mask is the one built without compiling."""
+    import torch
+    from torch._inductor import config
+    from transformers import masking_utils
+
+    monkeypatch.setattr(masking_utils, "create_block_mask", masking_utils.create_block_mask)  # put back afterwards
+    rows = torch.tensor([0] * 300 + [1] * 500 + [2] * 224)  # three rows packed into 1,024 tokens
+    traced = []
+
+    def packed_causal(b, h, q, kv):
+        traced.append(config.triton.persistent_reductions)  # runs while dynamo traces it
+        return (q >= kv) & (rows[q] == rows[kv])
+
+    expected = masking_utils.create_block_mask(packed_causal, 1, 1, 1024, 1024, device="cpu", _compile=False)
+    traced.clear()
+    kernels.sort_block_masks_in_aten()
+    kernels.sort_block_masks_in_aten()  # wraps once
+    assert not getattr(masking_utils.create_block_mask.__wrapped__, "sorts_in_aten", False)
+    mask = masking_utils.create_block_mask(packed_causal, 1, 1, 1024, 1024, device="cpu", _compile=True)
+    assert traced and not any(traced), traced
+    assert config.triton.persistent_reductions  # only while the mask compiles
+    assert torch.equal(mask.to_dense(), expected.to_dense()) and mask.to_dense().sum() < mask.to_dense().numel()
