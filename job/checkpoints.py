@@ -82,7 +82,6 @@ class Uploader:
         self.grace_needed: float | None = None  # grace_period at this attempt's first commit
         self.grace_to_set: int | None = None
         self.lagging = False  # a checkpoint was handed over while an earlier one still uploaded
-        self.skipped: list[int] = []  # steps superseded before their upload began
         self._queue: queue.Queue = queue.Queue()
         threading.Thread(target=self._work, name="checkpoint-upload", daemon=True).start()
 
@@ -120,7 +119,6 @@ class Uploader:
             folder, step, step_seconds, save_seconds = self._queue.get()
             try:
                 if self._queue.qsize():  # a newer checkpoint waits behind this one
-                    self.skipped.append(step)
                     log.info("checkpoint step-%d skipped: a newer one is waiting for its upload", step)
                     continue
                 self._commit(folder, step)
