@@ -198,6 +198,42 @@ def test_packed_rows_stay_apart_in_bf16(tmp_path, small_model, backend):
     assert abs(packed - apart) <= 0.02 * abs(apart), (packed, apart)
 
 
+def test_the_merged_1b_model_answers_as_its_16bit_base_with_the_adapter(tmp_path):
+    """EXPORT=merged_16bit after 4-bit training with unsloth, on the 1B shape: the published merged model's logits equal
+    those of the 16-bit base with the published adapter, far closer than the adapter's own effect on them."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bench.synthetic_model import build
+
+    build("llama-3.2-1b", tmp_path / "llama-1b")
+    result = run_entrypoint(tmp_path, {"BASE_MODEL": str(tmp_path / "llama-1b"), "EXPORT": "merged_16bit",
+                                       "DATASET_URI": str(ROOT / "demo" / "instructions.jsonl"),
+                                       "TRAIN_BACKEND": "unsloth",
+                                       "OUTPUT_URI": str(tmp_path / "out"), "RUN_ID": "merged", "MAX_STEPS": "20",
+                                       "LEARNING_RATE": "1e-3", "CHECKPOINT_EVERY_STEPS": "0"})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-5000:]
+    run = tmp_path / "out" / "merged"
+    listed = [f["path"] for f in json.loads((run / "manifest.json").read_text())["files"]]
+    assert any(p.startswith("merged/") and p.endswith(".safetensors") for p in listed), listed
+    tokenizer = AutoTokenizer.from_pretrained(run / "merged")
+    ids = tokenizer(["Give three tips for staying healthy.", "Name a color."], return_tensors="pt", padding=True)
+
+    def logits(model) -> torch.Tensor:
+        with torch.no_grad():
+            return model(**ids.to("cuda")).logits.float()
+
+    def load(path):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map="cuda")
+
+    base = logits(base_model := load(tmp_path / "llama-1b"))
+    with_adapter = logits(PeftModel.from_pretrained(base_model, run / "adapter"))
+    merged = logits(load(run / "merged"))
+    error, effect = (merged - with_adapter).abs().mean().item(), (base - with_adapter).abs().mean().item()
+    print(f"mean |merged - base with adapter| {error:.3e}, mean |base - base with adapter| {effect:.3e}")
+    assert error < 0.1 * effect, (error, effect)
+
+
 # Each family's small shape: the published widths, all layers for the 1B ones, two for the 7-20B ones.
 FAMILY_SHAPES = {"llama-3.2-1b": None, "qwen3-0.6b": None, "gemma-3-1b": None, "mistral-7b-v0.3": 2, "phi-4": 2,
                  "gpt-oss-20b": 2}  # fmt: skip
@@ -246,39 +282,3 @@ def test_each_family_trains_with_the_defaults_and_answers_in_its_template(family
     assert len(samples) == 2 and all(s["response"] != s["base_response"] for s in samples), samples
     if shape.startswith("gemma"):  # compiled per batch length by unsloth: one length only (kernels.compiles_per_length)
         assert "packed batches padded to" in log, log[-3000:]
-
-
-def test_the_merged_1b_model_answers_as_its_16bit_base_with_the_adapter(tmp_path):
-    """EXPORT=merged_16bit after 4-bit training with unsloth, on the 1B shape: the published merged model's logits equal
-    those of the 16-bit base with the published adapter, far closer than the adapter's own effect on them."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from bench.synthetic_model import build
-
-    build("llama-3.2-1b", tmp_path / "llama-1b")
-    result = run_entrypoint(tmp_path, {"BASE_MODEL": str(tmp_path / "llama-1b"), "EXPORT": "merged_16bit",
-                                       "DATASET_URI": str(ROOT / "demo" / "instructions.jsonl"),
-                                       "TRAIN_BACKEND": "unsloth",
-                                       "OUTPUT_URI": str(tmp_path / "out"), "RUN_ID": "merged", "MAX_STEPS": "20",
-                                       "LEARNING_RATE": "1e-3", "CHECKPOINT_EVERY_STEPS": "0"})  # fmt: skip
-    assert result.returncode == 0, result.stderr[-5000:]
-    run = tmp_path / "out" / "merged"
-    listed = [f["path"] for f in json.loads((run / "manifest.json").read_text())["files"]]
-    assert any(p.startswith("merged/") and p.endswith(".safetensors") for p in listed), listed
-    tokenizer = AutoTokenizer.from_pretrained(run / "merged")
-    ids = tokenizer(["Give three tips for staying healthy.", "Name a color."], return_tensors="pt", padding=True)
-
-    def logits(model) -> torch.Tensor:
-        with torch.no_grad():
-            return model(**ids.to("cuda")).logits.float()
-
-    def load(path):
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map="cuda")
-
-    base = logits(base_model := load(tmp_path / "llama-1b"))
-    with_adapter = logits(PeftModel.from_pretrained(base_model, run / "adapter"))
-    merged = logits(load(run / "merged"))
-    error, effect = (merged - with_adapter).abs().mean().item(), (base - with_adapter).abs().mean().item()
-    print(f"mean |merged - base with adapter| {error:.3e}, mean |base - base with adapter| {effect:.3e}")
-    assert error < 0.1 * effect, (error, effect)
