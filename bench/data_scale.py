@@ -12,8 +12,8 @@ length mix; prints a markdown table for docs/benchmarks.md.
    then its restart.
 
 With --model FOLDER (a GPU host), instead: a real run through entrypoint.py on the --rows rows with that model and
-the job's defaults, MAX_STEPS=5: its seconds per stage and its time to first step, which includes TRL's labelling
-and packing of every row.
+the job's defaults, MAX_STEPS=5: its seconds per stage (the data stage labels and packs every row) and its time to
+first step.
 """
 
 import argparse
@@ -212,7 +212,7 @@ def real_run(args) -> int:
     for folder in (args.work / "scratch-gpu", args.work / "runs" / env["RUN_ID"]):
         shutil.rmtree(folder, ignore_errors=True)
     wall, metrics = whole_job(env, args.work / "gpu-run.log")
-    print("GPU " + json.dumps(wall | {k: metrics.get(k) for k in ("seconds_to_first_step", "rows", "train_rows")}))
+    print("GPU " + json.dumps(wall | {k: metrics.get(k) for k in ("seconds_to_first_step", "rows", "tokens")}))
     stages = ", ".join(f"{k} {v}" for k, v in wall.items())
     print(f"| real run on a GPU, defaults, 5 steps | {args.rows:,} | {rows.stat().st_size / 1e9:.2f} GB | {stages} "
           f"| first step at {metrics.get('seconds_to_first_step')} s |")  # fmt: skip
