@@ -2,11 +2,12 @@
 # The GPU proofs, several in one call to a GPU host (a lent machine counts its time from start to return, so few,
 # full calls): installs the wheelhouse (make wheelhouse: .gpu-wheels, less what the host has) into /tmp/site once,
 # then runs each TASK in turn, each cut short so that the whole ends within DEADLINE seconds (default 585).
-#   OUT=results bash bench/gpu_calls.sh stack real-data real-data-warm bg:gpu-tests gemma-3-1b:full,defaults
+#   OUT=results bash bench/gpu_calls.sh flex-masks gemma-3-1b:full,defaults gemma-3-12b:full,defaults phi-4:defaults
 # Tasks: stack (the host's versions against requirements/gpu.txt), real-data and real-data-warm (Llama-3-8B, full
 # and short rows, then the defaults again with the compile caches and the tokenized rows warm: time to first step),
-# gpu-tests (pytest -m gpu), data-1m (bench/data_scale.py's real run on 1,000,000 rows), SHAPE:RUNS (bench/real_data.py
-# on a shape of bench/synthetic_model.py, 15 steps, RUNS as its --runs), build=SHAPE, long and big
+# gpu-tests (pytest -m gpu), flex-masks (bench/flex_masks.py: Gemma 3's masks built three ways), data-1m
+# (bench/data_scale.py's real run on 1,000,000 rows), SHAPE:RUNS (bench/real_data.py on a shape of
+# bench/synthetic_model.py, 15 steps, RUNS as its --runs), build=SHAPE, long and big
 # (bench/big_shapes.py's parts); bg:TASK runs one beside the next ones, wait waits for those. Everything goes to WORK
 # (default /tmp/gpu-work); OUT gets progress.txt and logs.tgz (the logs and results, no data or runs): a lent host
 # returns at most 8 files from OUT, at most two folders down.
@@ -81,6 +82,10 @@ family() {  # shape [runs]
   local t=$(($(left) - 5)); [ $t -gt 20 ] || { say "no time for $1"; return; }
   timeout $t python3 bench/real_data.py --shape "$1" --backend unsloth --runs "${2:-defaults}" --steps 15 --timeout $((t / 2)) --out "$W/fam" > "$W/fam-$1.out" 2>&1
   say "family $1: $?"
+}
+flex_masks() {
+  timeout $(($(left) - 5)) python3 bench/flex_masks.py --ways aten-sort,eager,compiled --timeout 90 > "$W/flex-masks.out" 2>&1
+  say "flex_masks: $?"
 }
 long() {
   timeout $(($(left) - 5)) python3 bench/big_shapes.py --out "$W/big" --parts long --timeout 240 > "$W/big-long.out" 2>&1
