@@ -84,7 +84,7 @@ family() {  # shape [runs]
   say "family $1: $?"
 }
 flex_masks() {
-  timeout $(($(left) - 5)) python3 bench/flex_masks.py --ways aten-sort,eager,compiled --timeout 90 > "$W/flex-masks.out" 2>&1
+  timeout $(($(left) - 5)) python3 bench/flex_masks.py --ways aten-sort,eager,compiled --timeout 60 > "$W/flex-masks.out" 2>&1
   say "flex_masks: $?"
 }
 long() {
