@@ -29,16 +29,20 @@ RUN apt-get update \
 ARG PIP_EXTRA_INDEX_URL=
 ARG PIP_FIND_LINKS=
 ARG PIP_CERT=
+# pip compiles the packages' bytecode here, as the job's is below: the root filesystem is read-only when the job
+# runs, where each start would otherwise compile every module it imports (torch, transformers, TRL, PEFT and
+# datasets alone: 8.5 s instead of 3.2 s on CPU).
 COPY requirements/${VARIANT}.txt /tmp/requirements.txt
 RUN python3 -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir --no-compile -r /tmp/requirements.txt \
+    && /opt/venv/bin/pip install --no-cache-dir -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
 # The job's code last: a code change rebuilds only this layer.
 WORKDIR /app
 COPY entrypoint.py ./
 COPY job/ job/
-RUN useradd --uid 10001 --user-group --no-create-home --home-dir /tmp --shell /usr/sbin/nologin job \
+RUN python3 -m compileall -q entrypoint.py job \
+    && useradd --uid 10001 --user-group --no-create-home --home-dir /tmp --shell /usr/sbin/nologin job \
     && mkdir -p /scratch && chmod 1777 /scratch
 
 # Recorded in each run's manifest.json (make image passes `git describe`).
