@@ -7,6 +7,8 @@ import os
 import re
 import resource
 import shutil
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,11 @@ from job.context import ADAPTER, TENSORBOARD, TRAIN_LOG, Run
 from job.errors import AccessDenied, ConfigInvalid, TemporaryFailure, first_line, redact
 
 log = logging.getLogger(__name__)
+
+# Seconds after training begins without a finished step before the log says where the main thread is: the first step
+# came 4 to 12 s after the trainer started for the 8B shapes on an H200 (docs/benchmarks.md); a compile that never
+# ends (Gemma 3's flex masks on torch 2.11, 2026-12-05) looks like a silent pod otherwise.
+FIRST_STEP_WAIT = 300
 
 
 @dataclass
@@ -310,15 +317,18 @@ def lifecycle(run: Run, uploader, lease, step_log, board=None):
     return Lifecycle()
 
 
-def step_logger(path: Path, main: bool, resumed: Path | None):
+def step_logger(path: Path, main: bool, resumed: Path | None, wait: float = FIRST_STEP_WAIT):
     """A TrainerCallback that writes train_log.jsonl and logs each step with loss, learning rate,
     tokens/s and ETA (as JSON fields in JSON mode); under torchrun, on rank 0 only. A resumed run starts
-    from the log its checkpoint carries."""
+    from the log its checkpoint carries. When no step has ended `wait` seconds after training began, it says
+    where the main thread is (once)."""
     from transformers import TrainerCallback
 
     class StepLog(TrainerCallback):
         def __init__(self):
             self.path, self.rows, self.first_step_seconds = path, [], None
+            self.watch = threading.Timer(wait, self.stalled, (threading.current_thread().ident,))
+            self.watch.daemon = True
             self.start, self.steps_before, self.tokens_before = time.perf_counter(), 0, 0
             if resumed is not None and (resumed / TRAIN_LOG).is_file():
                 step = int(resumed.name.rsplit("-", 1)[1])
@@ -333,8 +343,14 @@ def step_logger(path: Path, main: bool, resumed: Path | None):
                 with path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
 
+        def stalled(self, thread: int) -> None:
+            log.warning("no training step has ended %g s after training began; the main thread is at %s", wait,
+                        where(thread))  # fmt: skip
+
         def on_train_begin(self, args, state, control, **kwargs):
             self.start = time.perf_counter()
+            if main:
+                self.watch.start()
             self.steps_before, self.tokens_before = state.global_step, int(state.num_input_tokens_seen)
             self.bar = logs.progress(
                 total=state.max_steps, initial=state.global_step, desc="train", unit="step",
@@ -344,9 +360,11 @@ def step_logger(path: Path, main: bool, resumed: Path | None):
         def on_step_end(self, args, state, control, **kwargs):
             if self.first_step_seconds is None:
                 self.first_step_seconds = round(time.time() - logs.STARTED, 3)
+                self.watch.cancel()
             self.bar.update(1)
 
         def on_train_end(self, args, state, control, **kwargs):
+            self.watch.cancel()
             self.bar.close()
 
         def on_log(self, args, state, control, **kwargs):
@@ -380,3 +398,20 @@ def step_logger(path: Path, main: bool, resumed: Path | None):
             )  # fmt: skip
 
     return StepLog()
+
+
+def where(thread: int, most: int = 8) -> str:
+    """A thread's stack, innermost first: the frame it is in, then the frame through which it entered each package
+    (the outermost of a run of one package's frames; the standard library's are left out), at most `most` of them:
+    what a stalled step waits on, e.g. "triton compiler.py:324 compile <- torch flex_attention.py:1271 ..."."""
+    frames: list[tuple[str, str]] = []  # (package, place), innermost first
+    frame = sys._current_frames().get(thread)
+    while frame is not None:
+        package = str(frame.f_globals.get("__name__", "?")).split(".")[0]
+        if package not in sys.stdlib_module_names:
+            code = frame.f_code
+            frames.append((package, f"{package} {Path(code.co_filename).name}:{frame.f_lineno} {code.co_name}"))
+        frame = frame.f_back
+    shown = [place for i, (package, place) in enumerate(frames)
+             if i == 0 or i + 1 == len(frames) or frames[i + 1][0] != package]  # fmt: skip
+    return " <- ".join(shown[:most] + (["..."] if len(shown) > most else [])) or "no Python frame"

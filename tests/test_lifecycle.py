@@ -533,3 +533,36 @@ def test_sigterm_while_the_rows_are_read_is_a_preemption_not_a_bad_dataset(start
     errors = [line["message"] for line in lines if line["level"] == "error"]
     assert code == 143, errors
     assert errors == ["stopped by SIGTERM outside training: the next attempt resumes from the last checkpoint"]
+
+
+def test_a_first_step_that_does_not_come_is_said_with_where_the_main_thread_waits(tmp_path, caplog):
+    """Training that has ended no step `wait` seconds after it began (a compile that never ends: Gemma 3's masks on
+    torch 2.11 kept a pod silent for minutes) logs where the main thread is, by package, once; a step ends the watch."""
+    from types import SimpleNamespace
+
+    from job import train
+
+    state = SimpleNamespace(global_step=0, max_steps=3, num_input_tokens_seen=0)
+
+    def compiling_the_first_step(seconds: float) -> None:
+        time.sleep(seconds)
+
+    stalled = train.step_logger(tmp_path / "train_log.jsonl", True, None, wait=0.2)
+    with caplog.at_level("WARNING", logger="job.train"):
+        stalled.on_train_begin(None, state, None)
+        compiling_the_first_step(0.6)
+        stalled.on_step_end(None, state, None)
+        stalled.on_train_end(None, state, None)
+    [said] = [r.getMessage() for r in caplog.records if "no training step has ended" in r.getMessage()]
+    assert "ended 0.2 s after training began; the main thread is at " in said, said
+    innermost, entered = said.split(" is at ")[1].split(" <- ")[:2]
+    assert innermost.endswith(" compiling_the_first_step") and entered.endswith(" " + sys._getframe().f_code.co_name)
+
+    caplog.clear()
+    quick = train.step_logger(tmp_path / "quick.jsonl", True, None, wait=0.2)
+    with caplog.at_level("WARNING", logger="job.train"):
+        quick.on_train_begin(None, state, None)
+        quick.on_step_end(None, state, None)
+        time.sleep(0.4)
+        quick.on_train_end(None, state, None)
+    assert not [r for r in caplog.records if "no training step has ended" in r.getMessage()]
