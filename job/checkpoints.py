@@ -68,10 +68,9 @@ def newest(storage: Storage, run: Run) -> tuple[int, Path] | tuple[None, None]:
 
 class Uploader:
     """Commits checkpoint folders to the run's checkpoints/ one after another, in a background thread, through the
-    attempt's lease. A checkpoint still waiting when a newer one is handed over is skipped: the newer one resumes
-    later, and a SIGTERM waits for at most the upload under way and the newest. A checkpoint that fails to commit is
-    tried again with the next one; two failures in a row make `broken` the error, and training stops with it at its
-    next step. Every folder handed over leaves scratch, committed or not."""
+    attempt's lease. A checkpoint that fails to commit is tried again with the next one; two failures in a row make
+    `broken` the error, and training stops with it at its next step. Every folder handed over leaves scratch,
+    committed or not."""
 
     def __init__(self, lease, run: Run, keep: int):
         self.lease, self.run, self.keep = lease, run, keep
@@ -91,8 +90,8 @@ class Uploader:
         if self._queue.unfinished_tasks and not self.lagging:
             self.lagging = True
             log.warning("checkpoint step-%d waits for an upload still running: uploads take longer than the steps "
-                        "between checkpoints, so a checkpoint that a newer one overtakes is skipped: raise "
-                        "CHECKPOINT_EVERY_STEPS", step)  # fmt: skip
+                        "between checkpoints, and a SIGTERM waits for every one queued: raise CHECKPOINT_EVERY_STEPS",
+                        step)  # fmt: skip
         self._queue.put((folder, step, step_seconds, save_seconds))
 
     @property
@@ -118,9 +117,6 @@ class Uploader:
         while True:
             folder, step, step_seconds, save_seconds = self._queue.get()
             try:
-                if self._queue.qsize():  # a newer checkpoint waits behind this one
-                    log.info("checkpoint step-%d skipped: a newer one is waiting for its upload", step)
-                    continue
                 self._commit(folder, step)
                 self.error, self.failures = None, []
                 if self.grace_needed is None:
