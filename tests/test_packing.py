@@ -133,8 +133,8 @@ def test_packed_rows_train_as_if_alone(tiny_model_dir, tmp_path, monkeypatch, on
         moved = per_token_losses(lm, changed | broken)[0] - per_token_losses(lm, batch | broken)[0]
         assert moved[others].abs().max() > 1, sorted(broken)
 
-    # 6. Padded to one length (unsloth's Gemma 3 compiles its layers per length): the same rows, then padding that
-    # trains nothing and changes no row's loss.
+    # 6. Padded to one length (unsloth trains Gemma 3 on flex attention, whose masks compile per length): the same
+    # rows, then padding that trains nothing and changes no row's loss.
     plan = memory.plan(settings, device, "hf", None, 0)
     config = train.sft_config(settings, run, plan, False, one_length=True, packed=True)
     one_length = SFTTrainer(model=lm, args=config, train_dataset=dataset, processing_class=tokenizer)
